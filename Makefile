@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make reproduce-figures`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow bench reproduce-figures clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[tests,experiments]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+reproduce-figures: $(STAMP)
+	@if [ ! -f experiments/__main__.py ]; then \
+		echo "reproduce-figures: the experiment suite does not exist yet (issue 6); no figures were made." >&2; \
+		exit 2; \
+	fi
+	$(PY) -m experiments
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,332 @@
+"""Positively homogeneous predictors as pure functions.
+
+A predictor is a `Predictor` NamedTuple of pure functions, in the style of optax's
+`GradientTransformation`: `init(key, in_shape) -> params`, `apply(params, x) -> scalar` for ONE
+input, and its homogeneity degree `degree` = L, with f(x; c w) = c^L f(x; w) for every c > 0.
+
+Every predictor's params are a tuple of arrays, one per layer (one per factor of the product for
+diagonal networks). `layer_degrees[k]` is the degree of f in layer k alone, which the
+multi-homogeneous normalization (Lyu & Li 2020, §4.4) uses.
+
+Factories are cached: calling `relu_mlp(2, 32)` twice returns the same object, so jitted
+functions that take a predictor as a static argument compile once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = tuple[jax.Array, ...]
+
+
+class Predictor(NamedTuple):
+    """An L-homogeneous predictor f(x; w).
+
+    Attributes:
+        init: `init(key, in_shape) -> params`, a tuple of arrays; `in_shape` is an int (vector
+            inputs) or a tuple (image inputs of the CNN).
+        apply: `apply(params, x) -> scalar` for a single input `x`.
+        degree: the homogeneity degree L of `apply` in `params`.
+        name: a readable description, used in error messages and result records.
+        layer_degrees: degree of f in each entry of params (for product normalization).
+        relu_grad_at_zero: the value autodiff uses for relu'(0) (None for models without kinks).
+        rebuild: `rebuild(**changes) -> Predictor`, the same model with other options
+            (e.g. `relu_grad_at_zero`), or None.
+        end_to_end: for linear-in-x models, `end_to_end(params) -> beta` with f(x) = <beta, x>.
+    """
+
+    init: Callable[..., Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+    degree: int
+    name: str = "custom"
+    layer_degrees: tuple[int, ...] | None = None
+    relu_grad_at_zero: float | None = None
+    rebuild: Callable[..., Predictor] | None = None
+    end_to_end: Callable[[Params], jax.Array] | None = None
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def kinked_linear(slope: float, grad_at_zero: float) -> Callable[[jax.Array], jax.Array]:
+    """max(z, slope*z) whose autodiff derivative at z = 0 is a chosen Clarke element.
+
+    The Clarke derivative of the (leaky) ReLU at 0 is the interval [slope, 1]; `grad_at_zero` in
+    [0, 1] picks slope + grad_at_zero * (1 - slope) in it. jax.nn.relu always picks 0.
+    """
+    kink_derivative = slope + grad_at_zero * (1.0 - slope)
+
+    @jax.custom_jvp
+    def activation(z):
+        return jnp.where(z > 0, z, slope * z)
+
+    @activation.defjvp
+    def _jvp(primals, tangents):
+        (z,), (dz,) = primals, tangents
+        derivative = jnp.where(z > 0, 1.0, jnp.where(z < 0, slope, kink_derivative))
+        return activation(z), derivative.astype(dz.dtype) * dz
+
+    return activation
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _gaussian_layers(key, shapes, fan_ins, scale) -> Params:
+    keys = jax.random.split(key, len(shapes))
+    return tuple(
+        scale * jax.random.normal(k, s, dtype=jnp.float64) / math.sqrt(fan_in)
+        for k, s, fan_in in zip(keys, shapes, fan_ins)
+    )
+
+
+def _vector_in_dim(in_shape) -> int:
+    if isinstance(in_shape, int):
+        return in_shape
+    if len(in_shape) == 1:
+        return int(in_shape[0])
+    raise ValueError(f"this predictor takes vector inputs; got input shape {tuple(in_shape)}")
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_unit_interval(name: str, value: Any) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1] (a Clarke element), got {value}")
+    return value
+
+
+def _chain_product(params: Params) -> jax.Array:
+    """w_L^T W_{L-1} ... W_1 for the deep linear net (the end-to-end linear predictor)."""
+    beta = params[-1]
+    for layer in reversed(params[:-1]):
+        beta = beta @ layer
+    return beta
+
+
+# --------------------------------------------------------------------------- linear family
+
+
+@functools.cache
+def linear(*, init_scale: float = 1.0) -> Predictor:
+    """f(x; w) = <w, x>, degree 1. params = (w,)."""
+
+    def init(key, in_shape):
+        d = _vector_in_dim(in_shape)
+        return _gaussian_layers(key, [(d,)], [d], init_scale)
+
+    def apply(params, x):
+        return params[0] @ x
+
+    return Predictor(
+        init, apply, 1, "linear", (1,), None, None, end_to_end=lambda params: params[0]
+    )
+
+
+@functools.cache
+def _deep_linear(depth: int, width: int, init_scale: float) -> Predictor:
+    def init(key, in_shape):
+        d = _vector_in_dim(in_shape)
+        shapes = [(width, d)] + [(width, width)] * (depth - 2) + [(width,)]
+        fan_ins = [d] + [width] * (depth - 1)
+        return _gaussian_layers(key, shapes, fan_ins, init_scale)
+
+    def apply(params, x):
+        return _chain_product(params) @ x
+
+    rebuild = functools.partial(deep_linear, depth, width, init_scale=init_scale)
+    return Predictor(
+        init, apply, depth, f"deep_linear(depth={depth}, width={width})", (1,) * depth,
+        None, rebuild, end_to_end=_chain_product,
+    )  # fmt: skip
+
+
+def deep_linear(depth: int, width: int, *, init_scale: float = 1.0) -> Predictor:
+    """Fully connected deep linear network w_L^T W_{L-1} ... W_1 x, degree L = depth >= 2.
+
+    Gunasekar et al. (2018): gradient flow converges in direction to the L2 max-margin SVM.
+    """
+    _check_positive_int("depth", depth, 2)
+    _check_positive_int("width", width)
+    return _deep_linear(depth, width, float(init_scale))
+
+
+@functools.cache
+def _diagonal_linear(depth: int, init_scale: float) -> Predictor:
+    def end_to_end(params):
+        return functools.reduce(jnp.multiply, params)
+
+    def init(key, in_shape):
+        d = _vector_in_dim(in_shape)
+        return _gaussian_layers(key, [(d,)] * depth, [1] * depth, init_scale)
+
+    def apply(params, x):
+        return end_to_end(params) @ x
+
+    rebuild = functools.partial(diagonal_linear, depth, init_scale=init_scale)
+    return Predictor(
+        init, apply, depth, f"diagonal_linear(depth={depth})", (1,) * depth, None, rebuild,
+        end_to_end=end_to_end,
+    )  # fmt: skip
+
+
+def diagonal_linear(depth: int, *, init_scale: float = 1.0) -> Predictor:
+    """Diagonal linear network <u_1 ⊙ ... ⊙ u_L, x>, degree L = depth.
+
+    Gunasekar et al. (NeurIPS 2018): the direction of beta = u_1 ⊙ ... ⊙ u_L tends to a
+    stationary point of min ||beta||_{2/L} s.t. y_n <x_n, beta> >= 1 (L = 2: the l1 max margin).
+    Each u_k is initialised i.i.d. N(0, init_scale^2).
+    """
+    _check_positive_int("depth", depth, 1)
+    return _diagonal_linear(depth, float(init_scale))
+
+
+# --------------------------------------------------------------------------- ReLU family
+
+
+@functools.cache
+def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
+    activation = kinked_linear(slope, relu_grad_at_zero)
+
+    def init(key, in_shape):
+        d = _vector_in_dim(in_shape)
+        if depth == 1:
+            return _gaussian_layers(key, [(d,)], [d], init_scale)
+        shapes = [(width, d)] + [(width, width)] * (depth - 2) + [(width,)]
+        fan_ins = [d] + [width] * (depth - 1)
+        return _gaussian_layers(key, shapes, fan_ins, init_scale)
+
+    def apply(params, x):
+        hidden = x
+        for layer in params[:-1]:
+            hidden = activation(layer @ hidden)
+        return params[-1] @ hidden
+
+    kind = "relu_mlp" if slope == 0.0 else f"leaky_relu_mlp[slope={slope}]"
+    rebuild = functools.partial(
+        _mlp_factory, depth, width, slope, relu_grad_at_zero=relu_grad_at_zero,
+        init_scale=init_scale,
+    )  # fmt: skip
+    name = f"{kind}(depth={depth}, width={width}, relu'(0)={relu_grad_at_zero})"
+    return Predictor(init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild)
+
+
+def _mlp_factory(depth, width, slope, *, relu_grad_at_zero=0.0, init_scale=1.0) -> Predictor:
+    _check_positive_int("depth", depth)
+    _check_positive_int("width", width)
+    slope = float(slope)
+    if not 0.0 <= slope < 1.0:
+        raise ValueError(f"slope must lie in [0, 1), got {slope}")
+    grad0 = _check_unit_interval("relu_grad_at_zero", relu_grad_at_zero)
+    return _leaky_mlp(depth, width, slope, grad0, float(init_scale))
+
+
+def relu_mlp(
+    depth: int, width: int, *, relu_grad_at_zero: float = 0.0, init_scale: float = 1.0
+) -> Predictor:
+    """Bias-free ReLU network w_L^T relu(W_{L-1} ... relu(W_1 x)), degree L = depth.
+
+    Weights are N(0, init_scale^2 / fan_in). `relu_grad_at_zero` is the element of the Clarke
+    derivative [0, 1] that autodiff returns at a kink (jax.nn.relu uses 0). depth = 1 is linear.
+    """
+    return _mlp_factory(
+        depth, width, 0.0, relu_grad_at_zero=relu_grad_at_zero, init_scale=init_scale
+    )
+
+
+def leaky_relu_mlp(
+    depth: int,
+    width: int,
+    slope: float,
+    *,
+    relu_grad_at_zero: float = 0.0,
+    init_scale: float = 1.0,
+) -> Predictor:
+    """Bias-free leaky-ReLU network (activation max(z, slope z)), degree L = depth.
+
+    `relu_grad_at_zero` = a picks slope + a (1 - slope) in the Clarke interval [slope, 1].
+    """
+    return _mlp_factory(
+        depth, width, slope, relu_grad_at_zero=relu_grad_at_zero, init_scale=init_scale
+    )
+
+
+# --------------------------------------------------------------------------- CNN
+
+
+def _max_pool(z, pool):
+    # Max-pooling is 1-homogeneous: max(c a) = c max(a) for c > 0.
+    return jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (pool, pool, 1), (pool, pool, 1), "VALID")
+
+
+@functools.cache
+def _relu_cnn(channels, kernel_size, pool, relu_grad_at_zero, init_scale) -> Predictor:
+    activation = kinked_linear(0.0, relu_grad_at_zero)
+
+    def features(kernels, x):
+        hidden = x if x.ndim == 3 else x[..., None]
+        for kernel in kernels:
+            # Zero padding keeps the convolution linear in the kernel, hence homogeneous.
+            hidden = jax.lax.conv_general_dilated(
+                hidden[None], kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )[0]
+            hidden = _max_pool(activation(hidden), pool)
+        return hidden.reshape(-1)
+
+    def init(key, in_shape):
+        in_shape = tuple(in_shape) if not isinstance(in_shape, int) else (in_shape,)
+        if len(in_shape) not in (2, 3):
+            raise ValueError(f"relu_cnn takes (H, W) or (H, W, C) inputs, got {in_shape}")
+        in_channels = in_shape[2] if len(in_shape) == 3 else 1
+        widths = (in_channels, *channels)
+        shapes = [(kernel_size, kernel_size, a, b) for a, b in zip(widths[:-1], widths[1:])]
+        fan_ins = [kernel_size * kernel_size * a for a in widths[:-1]]
+        key_conv, key_dense = jax.random.split(key)
+        kernels = _gaussian_layers(key_conv, shapes, fan_ins, init_scale)
+        n_features = jax.eval_shape(features, kernels, jnp.zeros(in_shape)).shape[0]
+        if n_features == 0:
+            raise ValueError(f"input {in_shape} is too small for {len(channels)} poolings")
+        dense = _gaussian_layers(key_dense, [(n_features,)], [n_features], init_scale)
+        return (*kernels, *dense)
+
+    def apply(params, x):
+        return params[-1] @ features(params[:-1], x)
+
+    depth = len(channels) + 1
+    rebuild = functools.partial(
+        relu_cnn, channels, kernel_size, pool, relu_grad_at_zero=relu_grad_at_zero,
+        init_scale=init_scale,
+    )  # fmt: skip
+    name = f"relu_cnn(channels={channels}, kernel={kernel_size}, pool={pool})"
+    return Predictor(init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild)
+
+
+def relu_cnn(
+    channels: tuple[int, ...] = (8, 16),
+    kernel_size: int = 3,
+    pool: int = 2,
+    *,
+    relu_grad_at_zero: float = 0.0,
+    init_scale: float = 1.0,
+) -> Predictor:
+    """Bias-free CNN: [conv (SAME, zero padded) -> ReLU -> max-pool] per channel entry, then a
+    linear read-out. Degree L = len(channels) + 1. `init(key, (H, W))` or `(H, W, C)`.
+    """
+    channels = tuple(_check_positive_int("channels[i]", c) for c in channels)
+    if not channels:
+        raise ValueError("relu_cnn needs at least one convolution layer")
+    _check_positive_int("kernel_size", kernel_size)
+    _check_positive_int("pool", pool)
+    grad0 = _check_unit_interval("relu_grad_at_zero", relu_grad_at_zero)
+    return _relu_cnn(channels, kernel_size, pool, grad0, float(init_scale))

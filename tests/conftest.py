@@ -1,0 +1,21 @@
+import jax
+import pytest
+
+import jaxmargin  # noqa: F401  (turns on float64)
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+@pytest.fixture
+def reference_data():
+    """The reference problem of NOTES §6: 50 points in R^5, y = sign(sum x)."""
+    data_key, _ = jax.random.split(jax.random.key(0))
+    X = jax.random.normal(data_key, (50, 5), dtype=jax.numpy.float64)
+    y = jax.numpy.sign(X.sum(axis=1))
+    return X, y
