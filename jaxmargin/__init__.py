@@ -11,6 +11,8 @@ import jax
 # float64 is required, not optional: see the module docstring and the README.
 jax.config.update("jax_enable_x64", True)
 
+from ._baselines import GDTrajectory as GDTrajectory  # noqa: E402
+from ._baselines import gradient_descent as gradient_descent  # noqa: E402
 from ._clarke import MinNormPoint as MinNormPoint  # noqa: E402
 from ._clarke import autodiff_subgradient as autodiff_subgradient  # noqa: E402
 from ._clarke import chain_rule_element as chain_rule_element  # noqa: E402
@@ -21,6 +23,9 @@ from ._clarke import min_norm_point as min_norm_point  # noqa: E402
 from ._clarke import sampled_clarke_subgradients as sampled_clarke_subgradients  # noqa: E402
 from ._homogeneity import assert_homogeneous as assert_homogeneous  # noqa: E402
 from ._homogeneity import estimate_degree as estimate_degree  # noqa: E402
+from ._kkt import KKTCertificate as KKTCertificate  # noqa: E402
+from ._kkt import alignment as alignment  # noqa: E402
+from ._kkt import kkt_certificate as kkt_certificate  # noqa: E402
 from ._margins import hard_margin as hard_margin  # noqa: E402
 from ._margins import log_loss as log_loss  # noqa: E402
 from ._margins import log_norm as log_norm  # noqa: E402

@@ -39,6 +39,9 @@ class Predictor(NamedTuple):
         rebuild: `rebuild(**changes) -> Predictor`, the same model with other options
             (e.g. `relu_grad_at_zero`), or None.
         end_to_end: for linear-in-x models, `end_to_end(params) -> beta` with f(x) = <beta, x>.
+        kinks: for networks with (leaky) ReLU kinks, a `Kinks` giving the pre-activations and
+            an `apply` whose kink derivatives can be set (the Filippov/Clarke element used on
+            sliding manifolds by the flow engine), or None.
     """
 
     init: Callable[..., Params]
@@ -49,6 +52,23 @@ class Predictor(NamedTuple):
     relu_grad_at_zero: float | None = None
     rebuild: Callable[..., Predictor] | None = None
     end_to_end: Callable[[Params], jax.Array] | None = None
+    kinks: Kinks | None = None
+
+
+class Kinks(NamedTuple):
+    """Access to the kinks of a ReLU-type network, for sliding-mode (Filippov) velocities.
+
+    Attributes:
+        preactivations: `preactivations(params, x) -> tuple` of the hidden pre-activations z
+            of one input, one array per hidden layer.
+        gated_apply: `gated_apply(params, x, gates) -> scalar`, the same value as `apply`, but
+            where `gates[k]` = (mask, alpha) with mask True the derivative of the activation
+            at unit j of hidden layer k is taken to be slope + alpha_j (1 - slope), whatever
+            the sign of z_j: the element of the Clarke interval that keeps z_j on its kink.
+    """
+
+    preactivations: Callable
+    gated_apply: Callable
 
 
 # --------------------------------------------------------------------------- activations
@@ -213,13 +233,37 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
             hidden = activation(layer @ hidden)
         return params[-1] @ hidden
 
+    def preactivations(params, x):
+        out, hidden = [], x
+        for layer in params[:-1]:
+            z = layer @ hidden
+            out.append(z)
+            hidden = activation(z)
+        return tuple(out)
+
+    def gated_apply(params, x, gates):
+        hidden = x
+        for layer, (mask, alpha) in zip(params[:-1], gates):
+            z = layer @ hidden
+            sign_rule = jnp.where(z > 0, 1.0, jnp.where(z < 0, slope, slope + relu_grad_at_zero
+                                                         * (1.0 - slope)))  # fmt: skip
+            derivative = jnp.where(mask, slope + alpha * (1.0 - slope), sign_rule)
+            # Value exactly activation(z); derivative in z exactly `derivative` (also in alpha).
+            hidden = activation(jax.lax.stop_gradient(z)) + (z - jax.lax.stop_gradient(z)) * (
+                derivative
+            )
+        return params[-1] @ hidden
+
     kind = "relu_mlp" if slope == 0.0 else f"leaky_relu_mlp[slope={slope}]"
     rebuild = functools.partial(
         _mlp_factory, depth, width, slope, relu_grad_at_zero=relu_grad_at_zero,
         init_scale=init_scale,
     )  # fmt: skip
     name = f"{kind}(depth={depth}, width={width}, relu'(0)={relu_grad_at_zero})"
-    return Predictor(init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild)
+    kinks = Kinks(preactivations, gated_apply) if depth >= 2 else None
+    return Predictor(
+        init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild, kinks=kinks
+    )
 
 
 def _mlp_factory(depth, width, slope, *, relu_grad_at_zero=0.0, init_scale=1.0) -> Predictor:
