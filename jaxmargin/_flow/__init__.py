@@ -1,0 +1,6 @@
+"""Gradient-flow engine: fields in the tau and polar clocks, diffrax integration, solutions."""
+
+from ._engine import gradient_flow as gradient_flow
+from ._engine import gradient_flow_batch as gradient_flow_batch
+from ._solution import FlowSolution as FlowSolution
+from ._solution import FlowStatus as FlowStatus

@@ -1,0 +1,340 @@
+"""gradient_flow: the seed's flow on diffrax, in two phases and three clocks.
+
+Phase 1 integrates the tau-flow from params0 until the soft margin first exceeds 0 (t0), located
+by a diffrax event with a Newton root finder on -ln L (same sign as the soft margin, finite at
+w = 0). Phase 2 integrates the polar clock s = ln ||w|| from t0, where ||w|| cannot blow up in
+finite "time" because s itself is the clock (NOTES §2: in tau, L >= 3 blows up at a finite tau).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jax.flatten_util import ravel_pytree
+
+from .._margins import log_norm
+from .._validation import check_all
+from . import _solution as S
+from ._sliding import SlidingOptions, make_velocity
+from ._fields import (
+    PolarState,
+    SeedState,
+    make_margin_fn,
+    margins_summary,
+    polar_field,
+    polar_quantities,
+    seed_field,
+    seed_velocity,
+)
+
+SOLVERS = {"tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8, "dopri5": diffrax.Dopri5,
+           "heun": diffrax.Heun, "bosh3": diffrax.Bosh3}  # fmt: skip
+
+
+class _Static(NamedTuple):
+    """Options that fix the shape of the computation (one compilation per value)."""
+
+    predictor: object
+    saves_phase1: int
+    saves_phase2: int
+    max_steps: int
+    solver: str
+    rtol: float
+    atol: float
+    stop_on_direction: bool
+    sliding: SlidingOptions | None
+
+
+def _record(
+    degree, unravel, s, tau, log_t, q, params_flat, phase, log_abs_lhs, sign_lhs
+) -> S.FlowSolution:
+    log_loss, soft, hard = margins_summary(degree, s, q)
+    return S.FlowSolution(
+        s=s, tau=tau, log_t=log_t, rho=jnp.exp(s), log_loss=log_loss, soft_margin=soft,
+        hard_margin=hard, params=unravel(params_flat),
+        # diffrax pads unused save slots with inf, so every saved leaf is a float.
+        phase=jnp.asarray(phase, jnp.float64), log_half_drho2_dtau=log_abs_lhs,
+        sign_half_drho2_dtau=sign_lhs, valid=jnp.asarray(1.0), status=None,
+    )  # fmt: skip
+
+
+def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
+    def record(tau, state: SeedState, args):
+        del args
+        velocity, _ = seed_velocity(velocity_fn, state.w)
+        log_rho = log_norm(state.w)
+        theta = state.w * jnp.exp(-log_rho)
+        half_drho2 = state.w @ velocity
+        return _record(
+            degree, unravel, log_rho, tau, jnp.log(state.t), margin_fn(theta), state.w, 1,
+            jnp.log(jnp.abs(half_drho2)), jnp.sign(half_drho2),
+        )  # fmt: skip
+
+    # diffrax calls event functions with keywords t, y, args.
+    def separated(t, y, args, **kwargs):
+        del t, args, kwargs
+        return -jax.nn.logsumexp(-margin_fn(y.w))
+
+    # t0 is not known in advance: log-spaced saves over six decades below tau_end, plus the
+    # final point (t0 itself, or the end of the budget).
+    save_ts = jnp.geomspace(1e-6, 1.0, static.saves_phase1 - 1) * tau_end
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(seed_field(velocity_fn)),
+        SOLVERS[static.solver](),
+        0.0,
+        tau_end,
+        None,
+        SeedState(w0, jnp.zeros((), w0.dtype)),
+        saveat=diffrax.SaveAt(
+            subs=[
+                diffrax.SubSaveAt(ts=save_ts, fn=record),
+                diffrax.SubSaveAt(t1=True, fn=record),
+                diffrax.SubSaveAt(t1=True),
+            ]
+        ),
+        stepsize_controller=diffrax.PIDController(rtol=static.rtol, atol=static.atol),
+        event=diffrax.Event(
+            separated, root_finder=optx.Newton(rtol=1e-12, atol=1e-14), direction=True
+        ),
+        max_steps=static.max_steps,
+        throw=False,
+    )
+
+
+def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, t1, tau1, s_end,
+            direction_tol):
+    s0 = log_norm(w1)
+    theta0 = w1 * jnp.exp(-s0)
+    log_loss0 = jax.nn.logsumexp(-margin_fn(w1))
+    state0 = PolarState(theta0, tau1, jnp.log(t1) + log_loss0)
+
+    def record(s, state: PolarState, args):
+        del args
+        pol = polar_quantities(velocity_fn, degree, s, state.theta)
+        log_loss, _, _ = margins_summary(degree, s, pol.q)
+        return _record(
+            degree, unravel, s, state.tau, state.log_t_loss - log_loss, pol.q,
+            jnp.exp(s) * pol.theta, 2, 2.0 * s - pol.log_dtau_ds, jnp.ones_like(s),
+        )  # fmt: skip
+
+    def converged(t, y, args, **kwargs):
+        del args, kwargs
+        pol = polar_quantities(velocity_fn, degree, t, y.theta)
+        return jnp.linalg.norm(pol.dtheta_ds) - direction_tol
+
+    event = None
+    if static.stop_on_direction:
+        event = diffrax.Event(converged, root_finder=None, direction=False)
+    save_ss = jnp.linspace(s0, s_end, static.saves_phase2)
+    solution = diffrax.diffeqsolve(
+        diffrax.ODETerm(polar_field(velocity_fn, degree)),
+        SOLVERS[static.solver](),
+        s0,
+        s_end,
+        None,
+        state0,
+        saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=save_ss, fn=record)]),
+        stepsize_controller=diffrax.PIDController(rtol=static.rtol, atol=static.atol),
+        event=event,
+        max_steps=static.max_steps,
+        throw=False,
+    )
+    return solution, s0
+
+
+def _concatenate(first, second):
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
+    predictor = static.predictor
+    degree = predictor.degree
+    w0, unravel = ravel_pytree(params0)
+    margin_fn = make_margin_fn(predictor, unravel, X, y)
+    velocity_fn = make_velocity(predictor, unravel, X, y, static.sliding)
+
+    # Already separated: a short phase 1 (so that t > 0 and ln t is finite), then phase 2.
+    start_separated = jax.nn.logsumexp(-margin_fn(w0)) < 0
+    speed0 = jnp.linalg.norm(seed_velocity(velocity_fn, w0)[0])
+    short_tau = 1e-6 * jnp.linalg.norm(w0) / jnp.maximum(speed0, 1e-300)
+    tau_end = jnp.where(start_separated, short_tau, tau_max)
+    sol1 = _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
+    final1 = jax.tree.map(lambda leaf: leaf[0], sol1.ys[2])
+    separated = (sol1.result == diffrax.RESULTS.event_occurred) | (
+        start_separated & (sol1.result == diffrax.RESULTS.successful)
+    )
+    tau1 = sol1.ts[2][0]
+    # Phase 2 runs from s0 to s_target. A run that did not separate, or that separated beyond
+    # the target already, gets a dummy phase 2 (diffrax needs increasing save times) whose
+    # rows are marked invalid below.
+    s1 = log_norm(final1.w)
+    run_phase2 = separated & (s_target > s1)
+    s_end = jnp.where(run_phase2, s_target, s1 + 1e-9 * (1.0 + jnp.abs(s1)))
+    sol2, s0 = _phase2(
+        static, margin_fn, velocity_fn, unravel, degree, final1.w, final1.t, tau1, s_end,
+        direction_tol,
+    )
+
+    records = _concatenate(_concatenate(sol1.ys[0], sol1.ys[1]), sol2.ys[0])
+    in_phase2 = jnp.arange(records.s.shape[0]) >= static.saves_phase1
+    valid = jnp.isfinite(records.s) & jnp.isfinite(records.tau) & (~in_phase2 | run_phase2)
+    records = records._replace(valid=valid, phase=jnp.where(valid, records.phase, 0).astype(int))
+    finite = jnp.all(jnp.stack([jnp.isfinite(records.soft_margin), jnp.isfinite(records.log_t)])
+                     | ~records.valid[None])  # fmt: skip
+    ok2 = sol2.result == diffrax.RESULTS.successful
+    code = jnp.select(
+        [
+            ~separated & (sol1.result == diffrax.RESULTS.max_steps_reached),
+            ~separated,
+            ~finite,
+            ~run_phase2,
+            sol2.result == diffrax.RESULTS.event_occurred,
+            sol2.result == diffrax.RESULTS.max_steps_reached,
+            ok2,
+        ],
+        [S.MAX_STEPS, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET, S.DIRECTION_CONVERGED,
+         S.MAX_STEPS,
+         S.REACHED_TARGET],
+        S.SOLVER_FAILED,
+    )  # fmt: skip
+    valid_soft = jnp.where(records.valid, records.soft_margin, -jnp.inf)
+    status = S.FlowStatus(
+        code=code,
+        separated=separated,
+        steps=jnp.stack([sol1.stats["num_accepted_steps"], sol2.stats["num_accepted_steps"]]),
+        rejected_steps=jnp.stack(
+            [sol1.stats["num_rejected_steps"], sol2.stats["num_rejected_steps"]]
+        ),
+        tau0=jnp.where(separated, tau1, jnp.nan),
+        s0=jnp.where(separated, s0, jnp.nan),
+        log_t0=jnp.where(separated, jnp.log(final1.t), jnp.nan),
+        best_soft_margin=jnp.max(valid_soft),
+    )
+    return records._replace(status=status)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, batched):
+    if beta_max is None and s_max is None:
+        raise ValueError("give a target: beta_max (for beta = ||w||^L) or s_max (for ln ||w||)")
+    if beta_max is not None and not (beta_max > 0 and math.isfinite(beta_max)):
+        raise ValueError(f"beta_max must be positive and finite, got {beta_max}")
+    if not tau_max > 0:
+        raise ValueError(f"tau_max must be positive, got {tau_max}")
+    example = jax.tree.map(lambda leaf: leaf[0], params0) if batched else params0
+    predictor, _, X, y = check_all(predictor, example, X, y)
+    targets = []
+    if beta_max is not None:
+        targets.append(math.log(beta_max) / predictor.degree)
+    if s_max is not None:
+        targets.append(float(s_max))
+    return predictor, X, y, min(targets)
+
+
+def _check_not_rest_point(predictor, params0, batched):
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(params0)]
+    if batched:
+        norms2 = sum(np.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in leaves)
+    else:
+        norms2 = sum(np.sum(leaf**2) for leaf in leaves)
+    if np.any(np.asarray(norms2) == 0.0) and predictor.degree >= 2:
+        raise ValueError(
+            f"params0 = 0 is a rest point of the flow for degree L = {predictor.degree} >= 2"
+            " (every gradient vanishes there): start from a small random w(0) instead"
+        )
+
+
+def gradient_flow(
+    predictor,
+    params0,
+    X,
+    y,
+    *,
+    beta_max: float | None = None,
+    s_max: float | None = None,
+    tau_max: float = 1e4,
+    max_steps: int = 100_000,
+    direction_tol: float | None = None,
+    num_saves: int = 200,
+    solver: str = "tsit5",
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    sliding: SlidingOptions | None = SlidingOptions(),
+) -> S.FlowSolution:
+    """Integrate dw/dtau in -d ln sum_i exp(-m_i(w)) from params0, through t0, to a target.
+
+    Args:
+        predictor: an L-homogeneous Predictor.
+        params0: initial params; params0 = 0 is allowed only for L = 1.
+        X, y: the data, y in {-1, +1}.
+        beta_max: stop when beta = ||w||^L reaches this.
+        s_max: stop when s = ln ||w|| reaches this (the smaller target wins).
+        tau_max: phase-1 budget in the seed's clock tau.
+        max_steps: solver-step budget of each phase.
+        direction_tol: stop when ||dtheta/ds|| < direction_tol (direction converged).
+        num_saves: saved points, 1/4 in phase 1 (log-spaced tau), 3/4 in phase 2 (even in s).
+        solver: a diffrax explicit solver name: "tsit5", "dopri5", "dopri8", "bosh3", "heun".
+        rtol, atol: PID step-size controller tolerances.
+        sliding: how ReLU kinks are handled (a SlidingOptions, see _sliding.py: the Filippov
+            equivalent control on sliding kinks), or None for the plain autodiff element.
+
+    Returns:
+        A FlowSolution trimmed to its valid rows; `status` says how the run ended.
+    """
+    predictor, X, y, s_target = _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, False)
+    _check_not_rest_point(predictor, params0, batched=False)
+    static = _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol,
+                     sliding)  # fmt: skip
+    params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
+    out = _solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
+    keep = np.asarray(out.valid)
+    rows = jax.tree.map(lambda a: a[keep], out._replace(status=None))
+    return rows._replace(status=out.status)
+
+
+def gradient_flow_batch(predictor, params0, X, y, **options) -> S.FlowSolution:
+    """gradient_flow vmapped over a leading axis of params0 (seeds); one compilation per shape.
+
+    Rows are not trimmed: `valid` marks the saved points of each run.
+    """
+    beta_max, s_max = options.pop("beta_max", None), options.pop("s_max", None)
+    tau_max = options.pop("tau_max", 1e4)
+    predictor, X, y, s_target = _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, True)
+    _check_not_rest_point(predictor, params0, batched=True)
+    direction_tol = options.pop("direction_tol", None)
+    static = _static(
+        predictor, options.pop("num_saves", 200), options.pop("max_steps", 100_000),
+        options.pop("solver", "tsit5"), options.pop("rtol", 1e-8), options.pop("atol", 1e-10),
+        direction_tol, options.pop("sliding", SlidingOptions()),
+    )  # fmt: skip
+    if options:
+        raise TypeError(f"unknown options {sorted(options)}")
+    params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
+    solve = jax.vmap(_solve, in_axes=(None, 0, None, None, None, None, None))
+    return solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
+
+
+def _tol(direction_tol):
+    return jnp.asarray(0.0 if direction_tol is None else direction_tol, jnp.float64)
+
+
+def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, sliding):
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if num_saves < 8:
+        raise ValueError(f"num_saves must be at least 8, got {num_saves}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    phase1 = max(num_saves // 4, 2)
+    return _Static(predictor, phase1, num_saves - phase1, int(max_steps), solver, float(rtol),
+                   float(atol), direction_tol is not None, sliding)  # fmt: skip

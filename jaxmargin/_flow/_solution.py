@@ -1,0 +1,87 @@
+"""FlowSolution and FlowStatus: what a gradient-flow run returns."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+# Status codes, in the order they are checked: the first that applies is reported.
+REACHED_TARGET = 0
+DIRECTION_CONVERGED = 1
+MAX_STEPS = 2
+SOLVER_FAILED = 3
+NOT_SEPARATED = 4
+
+STATUS_MESSAGES = {
+    REACHED_TARGET: "reached the target (beta_max or s_max)",
+    DIRECTION_CONVERGED: "the direction converged (||dtheta/ds|| fell below direction_tol)",
+    MAX_STEPS: "max_steps was exhausted before the target",
+    SOLVER_FAILED: "the solver failed (step size collapsed or a non-finite value appeared);"
+    " the outputs stop at the last good point",
+    NOT_SEPARATED: "the soft margin never became positive within tau_max / max_steps:"
+    " the model did not separate the data",
+}
+
+
+class FlowStatus(NamedTuple):
+    """How a run ended.
+
+    Attributes:
+        code: one of the codes in STATUS_MESSAGES (an int array; batched runs have one each).
+        separated: whether the soft margin became positive (phase 2 was reached).
+        steps: accepted solver steps, phase 1 and phase 2 (shape (2,)).
+        rejected_steps: rejected solver steps, phase 1 and phase 2 (shape (2,)).
+        tau0, s0, log_t0: the clocks at t0, when the soft margin first exceeded 0.
+        best_soft_margin: the largest soft margin among the saved points.
+    """
+
+    code: jax.Array
+    separated: jax.Array
+    steps: jax.Array
+    rejected_steps: jax.Array
+    tau0: jax.Array
+    s0: jax.Array
+    log_t0: jax.Array
+    best_soft_margin: jax.Array
+
+    @property
+    def message(self) -> str:
+        return STATUS_MESSAGES[int(self.code)]
+
+
+class FlowSolution(NamedTuple):
+    """Saved points of a gradient flow, phase 1 (tau clock) then phase 2 (s = ln rho clock).
+
+    Every array has a leading save axis; `params` is a pytree with that leading axis. Points
+    are log-spaced in tau in phase 1 and evenly spaced in s (log-spaced in rho) in phase 2.
+
+    Attributes:
+        s: ln ||w||.
+        tau: the seed's time (flow of ln L).
+        log_t: ln of the exponential-loss time t (flow of L), kept in log space.
+        rho: ||w||.
+        log_loss: ln L(w) = ln sum_i exp(-m_i(w)).
+        soft_margin: -ln L(w) / ||w||^L.
+        hard_margin: min_i m_i(w) / ||w||^L.
+        params: w at each saved point.
+        phase: 1 before t0, 2 after.
+        log_half_drho2_dtau, sign_half_drho2_dtau: (1/2) d||w||^2/dtau as the integrator saw
+            it (log of its absolute value and its sign), for the Lyu & Li identity check.
+        valid: False for padding rows (batched runs keep a fixed number of rows).
+        status: a FlowStatus.
+    """
+
+    s: jax.Array
+    tau: jax.Array
+    log_t: jax.Array
+    rho: jax.Array
+    log_loss: jax.Array
+    soft_margin: jax.Array
+    hard_margin: jax.Array
+    params: tuple
+    phase: jax.Array
+    log_half_drho2_dtau: jax.Array
+    sign_half_drho2_dtau: jax.Array
+    valid: jax.Array
+    status: FlowStatus
