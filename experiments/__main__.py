@@ -14,13 +14,13 @@ import pkgutil
 import time
 from pathlib import Path
 
-from ._runner import FIGURES, RESULTS, cached, results_path
+from ._runner import cached, figures_dir, results_dir, results_path
 
 HERE = Path(__file__).resolve().parent
 
 
 def experiment_names() -> list[str]:
-    return sorted(info.name for info in pkgutil.iter_modules([str(HERE))
+    return sorted(info.name for info in pkgutil.iter_modules([str(HERE)])
                   if not info.name.startswith("_"))  # fmt: skip
 
 
@@ -34,13 +34,13 @@ def run_all(quick: bool = False, only=None) -> dict:
         module.plot(results, config)
         claims = module.summarize(results, config)
         timings[name] = time.perf_counter() - start
-        source = str(results_path(name, config).relative_to(RESULTS.parent))
+        source = str(results_path(name, config).relative_to(results_dir().parent))
         rows += [dict(claim._asdict(), results=source, value=float(claim.value)) for claim in claims]
         print(f"{name}: {sum(c.holds for c in claims)}/{len(claims)} claims hold"
               f" ({timings[name]:.1f} s)", flush=True)  # fmt: skip
     summary = {"scale": "quick" if quick else "default", "claims": rows, "seconds": timings}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    results_dir().mkdir(parents=True, exist_ok=True)
+    (results_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
     write_markdown(summary)
     return summary
 
@@ -59,8 +59,8 @@ def write_markdown(summary: dict) -> None:
         verdict = "holds" if row["holds"] else "**fails**"
         lines.append(f"| {row['experiment']} | {row['claim']} | {row['quantity']} |"
                      f" {row['value']:.6g} | {row['criterion']} | {verdict} |")  # fmt: skip
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    (FIGURES / "summary.md").write_text("\n".join(lines) + "\n")
+    figures_dir().mkdir(parents=True, exist_ok=True)
+    (figures_dir() / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

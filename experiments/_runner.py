@@ -24,8 +24,16 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("JAXMARGIN_RESULTS", ROOT / "results"))
-FIGURES = Path(os.environ.get("JAXMARGIN_FIGURES", ROOT / "figures"))
+
+
+def results_dir() -> Path:
+    """results/ (or $JAXMARGIN_RESULTS, which tests point at a temporary folder)."""
+    return Path(os.environ.get("JAXMARGIN_RESULTS", ROOT / "results"))
+
+
+def figures_dir() -> Path:
+    """figures/ (or $JAXMARGIN_FIGURES)."""
+    return Path(os.environ.get("JAXMARGIN_FIGURES", ROOT / "figures"))
 
 
 class Claim(NamedTuple):
@@ -75,7 +83,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def results_path(name: str, config) -> Path:
-    return RESULTS / name / f"{config_key(config)}.npz"
+    return results_dir() / name / f"{config_key(config)}.npz"
 
 
 def cached(name: str, config, compute: Callable[[object], dict], *, force: bool = False) -> dict:

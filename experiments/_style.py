@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ._runner import FIGURES  # noqa: E402
+from ._runner import figures_dir  # noqa: E402
 
 WIDTH = 6.4  # inches, one column
 COLORS = plt.get_cmap("viridis")
@@ -26,8 +26,9 @@ def depth_color(index: int, count: int):
 
 
 def save_figure(fig, name: str) -> str:
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    path = FIGURES / f"{name}.png"
+    folder = figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     fig.savefig(path)
     plt.close(fig)
     return str(path)
