@@ -1,7 +1,7 @@
 """gradient_flow: the seed's flow on diffrax, in two phases and three clocks.
 
 Phase 1 integrates the tau-flow from params0 until the soft margin first exceeds 0 (t0), located
-by a diffrax event with a Newton root finder on -ln L (same sign as the soft margin, finite at
+by a diffrax event with a bisection root finder on -ln L (same sign as the soft margin, finite at
 w = 0). Phase 2 integrates the polar clock s = ln ||w|| from t0, where ||w|| cannot blow up in
 finite "time" because s itself is the clock (NOTES §2: in tau, L >= 3 blows up at a finite tau).
 """
@@ -100,20 +100,21 @@ def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
             ]
         ),
         stepsize_controller=diffrax.PIDController(rtol=static.rtol, atol=static.atol),
+        # Bisection on -ln L over the step that crossed 0: robust where the field has kinks
+        # (Newton on the dense interpolant failed to converge there).
         event=diffrax.Event(
-            separated, root_finder=optx.Newton(rtol=1e-12, atol=1e-14), direction=True
+            separated, root_finder=optx.Bisection(rtol=1e-12, atol=1e-12), direction=True
         ),
         max_steps=static.max_steps,
         throw=False,
     )
 
 
-def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, t1, tau1, s_end,
+def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
             direction_tol):
+    del margin_fn
     s0 = log_norm(w1)
-    theta0 = w1 * jnp.exp(-s0)
-    log_loss0 = jax.nn.logsumexp(-margin_fn(w1))
-    state0 = PolarState(theta0, tau1, jnp.log(t1) + log_loss0)
+    state0 = PolarState(w1 * jnp.exp(-s0), tau1, log_t_loss1)
 
     def record(s, state: PolarState, args):
         del args
@@ -161,31 +162,39 @@ def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
     margin_fn = make_margin_fn(predictor, unravel, X, y)
     velocity_fn = make_velocity(predictor, unravel, X, y, static.sliding)
 
-    # Already separated: a short phase 1 (so that t > 0 and ln t is finite), then phase 2.
+    # A run that starts separated skips phase 1 (a dummy solve over tau in [0, 1e-300] keeps
+    # the shapes; its rows are marked invalid). Its clock t starts at the offset dt/ds(s0) x 1
+    # (the time origin is a convention; a zero start would make ln t = -inf and the ln(t L)
+    # equation singular), so ln t is finite from the first saved point.
     start_separated = jax.nn.logsumexp(-margin_fn(w0)) < 0
-    speed0 = jnp.linalg.norm(seed_velocity(velocity_fn, w0)[0])
-    short_tau = 1e-6 * jnp.linalg.norm(w0) / jnp.maximum(speed0, 1e-300)
-    tau_end = jnp.where(start_separated, short_tau, tau_max)
+    tau_end = jnp.where(start_separated, 1e-300, tau_max)
     sol1 = _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
     final1 = jax.tree.map(lambda leaf: leaf[0], sol1.ys[2])
-    separated = (sol1.result == diffrax.RESULTS.event_occurred) | (
-        start_separated & (sol1.result == diffrax.RESULTS.successful)
+    event = sol1.result == diffrax.RESULTS.event_occurred
+    separated = start_separated | event
+    w1 = jnp.where(start_separated, w0, final1.w)
+    tau1 = jnp.where(start_separated, 0.0, sol1.ts[2][0])
+    s1 = log_norm(w1)
+    log_t_loss1 = jnp.where(
+        start_separated,
+        polar_quantities(velocity_fn, degree, s1, w1 * jnp.exp(-s1)).log_dtau_ds,
+        jnp.log(final1.t) + jax.nn.logsumexp(-margin_fn(final1.w)),
     )
-    tau1 = sol1.ts[2][0]
     # Phase 2 runs from s0 to s_target. A run that did not separate, or that separated beyond
     # the target already, gets a dummy phase 2 (diffrax needs increasing save times) whose
     # rows are marked invalid below.
-    s1 = log_norm(final1.w)
     run_phase2 = separated & (s_target > s1)
     s_end = jnp.where(run_phase2, s_target, s1 + 1e-9 * (1.0 + jnp.abs(s1)))
     sol2, s0 = _phase2(
-        static, margin_fn, velocity_fn, unravel, degree, final1.w, final1.t, tau1, s_end,
+        static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
         direction_tol,
     )
 
     records = _concatenate(_concatenate(sol1.ys[0], sol1.ys[1]), sol2.ys[0])
     in_phase2 = jnp.arange(records.s.shape[0]) >= static.saves_phase1
-    valid = jnp.isfinite(records.s) & jnp.isfinite(records.tau) & (~in_phase2 | run_phase2)
+    valid = jnp.isfinite(records.s) & jnp.isfinite(records.tau) & jnp.where(
+        in_phase2, run_phase2, ~start_separated
+    )
     records = records._replace(valid=valid, phase=jnp.where(valid, records.phase, 0).astype(int))
     finite = jnp.all(jnp.stack([jnp.isfinite(records.soft_margin), jnp.isfinite(records.log_t)])
                      | ~records.valid[None])  # fmt: skip
@@ -215,7 +224,7 @@ def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
         ),
         tau0=jnp.where(separated, tau1, jnp.nan),
         s0=jnp.where(separated, s0, jnp.nan),
-        log_t0=jnp.where(separated, jnp.log(final1.t), jnp.nan),
+        log_t0=jnp.where(separated, log_t_loss1 - jax.nn.logsumexp(-margin_fn(w1)), jnp.nan),
         best_soft_margin=jnp.max(valid_soft),
     )
     return records._replace(status=status)

@@ -1,0 +1,196 @@
+"""sweep_gradient_flow: many seeds (and datasets) at once, vmapped per device, sharded over devices.
+
+Each device runs `jax.vmap` of the engine's jitted core on its block of seeds, inside a
+`jax.shard_map` over a one-axis mesh ("seeds") of the given devices. The per-device while loops
+of diffrax are independent: nothing inside the solver loop communicates across devices (a jit
+with NamedSharding inputs instead would partition one batched while loop, whose stopping test
+"any seed still running" is an all-reduce on every step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.extend
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from ._flow import _solution as S
+from ._flow._engine import _check_not_rest_point, _prepare, _solve, _static, _tol
+from ._flow._sliding import SlidingOptions
+from ._validation import check_data
+
+AXIS = "seeds"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sweep(static, mesh, batched_data, params0, X, y, tau_max, s_target, direction_tol):
+    seeds, shared = PartitionSpec(AXIS), PartitionSpec()
+    data_spec = seeds if batched_data else shared
+    in_specs = (seeds, data_spec, data_spec, shared, shared, shared)
+    args = (params0, X, y, tau_max, s_target, direction_tol)
+    data_axis = 0 if batched_data else None
+    solve = jax.vmap(functools.partial(_solve, static),
+                     in_axes=(0, data_axis, data_axis, None, None, None))  # fmt: skip
+
+    # The block of one device, traced here, outside shard_map: equinox's closure conversion
+    # (used by diffrax's event root finder) rejects the manual-mesh shardings that tracing
+    # inside shard_map gives its arguments. Inside, the traced program is only evaluated.
+    def local(arg, spec):
+        def shape(leaf):
+            if spec == seeds:
+                return (leaf.shape[0] // mesh.size,) + leaf.shape[1:]
+            return leaf.shape
+
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(shape(leaf), leaf.dtype), arg)
+
+    block_args = tuple(local(arg, spec) for arg, spec in zip(args, in_specs, strict=True))
+    program, out_shape = jax.make_jaxpr(solve, return_shape=True)(*block_args)
+
+    def block(*args):
+        outs = jax.extend.core.jaxpr_as_fun(program)(*jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    # check_vma=False: diffrax's loops do not carry shard_map's varying-axis types (diffrax
+    # issues 735 and 738). No collective is used, so there is nothing for it to check.
+    sharded = jax.shard_map(block, mesh=mesh, in_specs=in_specs, out_specs=seeds,
+                            check_vma=False)  # fmt: skip
+    return sharded(*args)
+
+
+def _pad(leaf: np.ndarray, total: int) -> np.ndarray:
+    """Repeat the last entry of the leading axis up to `total` rows."""
+    extra = total - leaf.shape[0]
+    return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
+
+
+def _global(array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """A global jax.Array from a host array that every process holds in full."""
+    array = np.asarray(array)
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def sweep_gradient_flow(
+    predictor,
+    params0_batch,
+    X,
+    y,
+    *,
+    devices=None,
+    batched_data: bool = False,
+    **flow_options,
+) -> S.FlowSolution:
+    """gradient_flow_batch for a batch of seeds, vmapped per device and sharded over devices.
+
+    The batch (leading axis of every leaf of `params0_batch`) is padded to a multiple of the
+    number of devices by repeating its last seed, split into equal blocks, one per device, and
+    each device integrates its block with `jax.vmap` of the engine's core (the same program as
+    `gradient_flow_batch`); the padding rows are dropped from the outputs. Runs never
+    communicate: a device's solver loop stops when its own block is done.
+
+    Multi-host: start one process per host with `jax.distributed`, then make the same call
+    with the same inputs on every process (e.g. seeds drawn from the same key); `jax.devices()`
+    then lists the devices of all hosts and each host integrates the blocks of its own devices.
+    With `script.py` calling
+    `jax.distributed.initialize(coordinator_address=ADDR, num_processes=N, process_id=I)`
+    before any other JAX call and then `jm.sweep_gradient_flow(...)`, run on each host:
+
+        # host 0 (the coordinator, reachable at 10.0.0.1:1234 from every host):
+        python script.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
+        # host 1:
+        python script.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1
+
+    (On a cluster manager that jax.distributed detects, such as SLURM, a bare
+    `jax.distributed.initialize()` is enough. On CPU-only hosts, also set
+    `jax.config.update("jax_cpu_collectives_implementation", "gloo")` before initializing,
+    for the final gather.) Every process gets the whole result.
+
+    Args:
+        predictor: an L-homogeneous Predictor.
+        params0_batch: initial params with a leading seed axis on every leaf.
+        X, y: the data, shared by all seeds; with `batched_data=True`, one dataset per seed,
+            X of shape (seeds, n, ...) and y of shape (seeds, n), all of equal shape.
+        devices: the devices to shard over (default `jax.devices()`, every device of every
+            process).
+        batched_data: whether X and y carry a leading seed axis.
+        **flow_options: the options of `gradient_flow` (beta_max, s_max, tau_max, max_steps,
+            direction_tol, num_saves, solver, rtol, atol, sliding).
+
+    Returns:
+        A FlowSolution with a leading seed axis on every leaf, rows not trimmed (`valid` marks
+        the saved points of each run), as from `gradient_flow_batch`. In one process the
+        arrays stay on the devices: sharded along the seed axis when the batch divides evenly,
+        otherwise (padding was added) gathered after the padding is dropped. With several
+        processes they are numpy arrays, gathered on every process.
+    """
+    options = dict(flow_options)
+    beta_max, s_max = options.pop("beta_max", None), options.pop("s_max", None)
+    tau_max = options.pop("tau_max", 1e4)
+    direction_tol = options.pop("direction_tol", None)
+    leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(params0_batch)]
+    if not leaves or any(leaf.ndim == 0 for leaf in leaves):
+        raise ValueError("params0_batch needs a leading seed axis on every leaf")
+    num_seeds = leaves[0].shape[0]
+    if num_seeds == 0 or any(leaf.shape[0] != num_seeds for leaf in leaves):
+        raise ValueError(
+            f"every leaf of params0_batch needs the same, nonzero leading (seed) axis; got "
+            f"{[leaf.shape for leaf in leaves]}"
+        )
+    params0_batch = jax.tree.unflatten(jax.tree.structure(params0_batch), leaves)
+    if batched_data:
+        X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
+        if X.ndim < 3 or y.ndim != 2 or X.shape[0] != num_seeds or y.shape[0] != num_seeds:
+            raise ValueError(
+                f"batched_data=True needs X of shape ({num_seeds}, n, ...) and y of shape "
+                f"({num_seeds}, n), one dataset per seed; got {X.shape} and {y.shape}"
+            )
+        for index in range(num_seeds):  # value checks (finite X, labels +-1) on every dataset
+            check_data(X[index], y[index])
+        predictor, _, _, s_target = _prepare(predictor, params0_batch, X[0], y[0], beta_max,
+                                             s_max, tau_max, True)  # fmt: skip
+    else:
+        predictor, X, y, s_target = _prepare(predictor, params0_batch, X, y, beta_max, s_max,
+                                             tau_max, True)  # fmt: skip
+    _check_not_rest_point(predictor, params0_batch, batched=True)
+    static = _static(
+        predictor, options.pop("num_saves", 200), options.pop("max_steps", 100_000),
+        options.pop("solver", "tsit5"), options.pop("rtol", 1e-8), options.pop("atol", 1e-10),
+        direction_tol, options.pop("sliding", SlidingOptions()),
+    )  # fmt: skip
+    if options:
+        raise TypeError(f"unknown options {sorted(options)}")
+
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices is empty")
+    mesh = Mesh(np.asarray(devices, dtype=object), (AXIS,))
+    total = -(-num_seeds // len(devices)) * len(devices)
+    seeds, shared = PartitionSpec(AXIS), PartitionSpec()
+    params = jax.tree.unflatten(
+        jax.tree.structure(params0_batch),
+        [_global(_pad(leaf, total), mesh, seeds) for leaf in leaves],
+    )
+    data_spec = seeds if batched_data else shared
+    if batched_data:
+        X, y = _pad(X, total), _pad(y, total)
+    out = _sweep(
+        static, mesh, batched_data, params, _global(X, mesh, data_spec),
+        _global(y, mesh, data_spec), _global(np.float64(tau_max), mesh, shared),
+        _global(np.float64(s_target), mesh, shared), _global(_tol(direction_tol), mesh, shared),
+    )  # fmt: skip
+    if not NamedSharding(mesh, shared).is_fully_addressable:  # several processes: gather all
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
+        return jax.tree.map(lambda leaf: leaf[:num_seeds], out)
+    if total != num_seeds:
+        # An uneven sharding is not representable: gather the real rows on the first device.
+        out = _strip(jax.device_put(out, SingleDeviceSharding(devices[0])), num_seeds)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _strip(out, num_seeds: int):
+    return jax.tree.map(lambda leaf: leaf[:num_seeds], out)

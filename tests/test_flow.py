@@ -1,0 +1,213 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flow_references import DeepLinear, polar_flow, projected_euler_soft_margin, tau_flow
+from jax.flatten_util import ravel_pytree
+
+import jaxmargin as jm
+from jaxmargin._checks import lyu_li_identity_residual, sandwich_violation, theorem5_max_decrease
+from jaxmargin._flow import _solution as codes
+
+
+def _separable(key, n=8, dim=3):
+    X = jax.random.normal(key, (n, dim))
+    y = jnp.sign(X @ jnp.array([1.0, 0.5, -0.3][:dim]))
+    return X, y
+
+
+def _last(tree, row):
+    return jax.tree.map(lambda a: a[row], tree)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_smooth_models_against_scipy(depth, key):
+    X, y = _separable(key)
+    predictor = jm.linear() if depth == 1 else jm.deep_linear(depth, 3)
+    params0 = jax.tree.map(lambda w: 0.3 * w, predictor.init(jax.random.fold_in(key, 1), 3))
+    model = DeepLinear([p.shape for p in params0])
+    w0 = np.asarray(ravel_pytree(params0)[0])
+    solution = jm.gradient_flow(predictor, params0, X, y, s_max=1.5, solver="dopri8",
+                                rtol=1e-12, atol=1e-14, num_saves=40)  # fmt: skip
+    assert solution.status.code == codes.REACHED_TARGET, solution.status.message
+
+    tau0, state0 = tau_flow(model, np.asarray(X), np.asarray(y), w0, 1e4)
+    assert float(solution.status.tau0) == pytest.approx(tau0, rel=1e-7)
+    phase2 = np.asarray(solution.phase) == 2
+    first = int(np.argmax(phase2))
+    w_t0 = np.asarray(ravel_pytree(_last(solution.params, first))[0])
+    np.testing.assert_allclose(w_t0, state0[:-1], rtol=1e-7, atol=1e-9)
+
+    s = np.asarray(solution.s)[phase2]
+    w_ref0 = state0[:-1]
+    log_loss0 = -(-np.log(np.sum(np.exp(-model.margins_and_gradients(w_ref0, X, y)[0]))))
+    thetas, soft, tau, log_t_loss = polar_flow(
+        model, np.asarray(X), np.asarray(y), w_ref0 / np.linalg.norm(w_ref0), s[0], tau0,
+        np.log(state0[-1]) + log_loss0, s,
+    )  # fmt: skip
+    ours = np.stack([np.asarray(ravel_pytree(_last(solution.params, i))[0])
+                     for i in np.flatnonzero(phase2)])  # fmt: skip
+    ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
+    np.testing.assert_allclose(ours, thetas, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(solution.soft_margin)[phase2], soft, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(solution.tau)[phase2], tau, rtol=1e-7)
+    log_t_ref = log_t_loss - np.asarray(solution.log_loss)[phase2]
+    np.testing.assert_allclose(np.asarray(solution.log_t)[phase2], log_t_ref, rtol=1e-7, atol=1e-7)
+
+
+def _small_relu_problem(depth, seed, n=16, width=6):
+    key = jax.random.key(seed)
+    k_data, k_w = jax.random.split(key)
+    X = jax.random.normal(k_data, (n, 3))
+    y = jnp.sign(X.sum(axis=1))
+    predictor = jm.relu_mlp(depth, width)
+    return predictor, predictor.init(k_w, 3), X, y
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_relu_against_halved_euler(depth):
+    predictor, params0, X, y = _small_relu_problem(depth, seed=depth)
+    to_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, rtol=1e-8, atol=1e-11)
+    s0 = float(to_t0.status.s0)
+    horizon = 0.4
+    solution = jm.gradient_flow(predictor, params0, X, y, s_max=s0 + horizon, rtol=1e-8,
+                                atol=1e-11, num_saves=16)  # fmt: skip
+    assert solution.status.code == codes.REACHED_TARGET, solution.status.message
+    start = int(np.argmax(np.asarray(solution.phase) == 2))
+    theta0 = jax.tree.map(lambda a: a / float(solution.rho[start]), _last(solution.params, start))
+    steps = [2e-3, 1e-3, 5e-4, 2.5e-4]
+    euler = [projected_euler_soft_margin(predictor, theta0, X, y, s0, s0 + horizon, h)
+             for h in steps]  # fmt: skip
+    differences = np.abs(np.diff(euler))
+    order = np.log2(differences[-2] / differences[-1])
+    extrapolated = 2 * euler[-1] - euler[-2]
+    engine = float(solution.soft_margin[-1])
+    print(f"depth {depth}: Euler {euler}, observed order {order:.2f}, extrapolated"
+          f" {extrapolated:.8f}, engine {engine:.8f}")  # fmt: skip
+    assert abs(engine - extrapolated) <= 1e-4
+    assert 0.5 <= order <= 2.5  # first order, as a kinked Filippov flow allows
+
+
+def _check_theorem5(depth, seed, ds):
+    smooth = depth == 1
+    predictor, params0, X, y = _small_relu_problem(depth, seed, n=12, width=4)
+    beta_max = 20.0
+    if smooth:
+        predictor, params0 = jm.linear(), (0.5 * params0[0],)
+    else:
+        # Deep nets from a random start can linger near the saddle at w = 0 for a long tau;
+        # Theorem 5 is about what happens after t0, so start just after loss-based GD
+        # separated, and follow the flow for ds in s (phase-2 steps shrink like 1/beta).
+        for steps in (25, 50, 100, 200, 400, 800, 1600):
+            trajectory = jm.gradient_descent(predictor, params0, X, y, schedule="loss_based",
+                                             steps=steps, num_logs=4)  # fmt: skip
+            if float(jm.soft_margin(predictor, trajectory.final_params, X, y)) > 0:
+                break
+        params0 = trajectory.final_params
+        assert float(jm.soft_margin(predictor, params0, X, y)) > 0
+        beta_max = float(jnp.exp(depth * (jm.log_norm(params0) + ds)))
+    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=beta_max, rtol=1e-8,
+                                atol=1e-11, num_saves=40, max_steps=20_000)  # fmt: skip
+    assert solution.status.code == codes.REACHED_TARGET, solution.status.message
+    decrease = theorem5_max_decrease(solution)
+    assert decrease <= (1e-9 if smooth else 1e-6), (depth, seed, decrease)
+    assert sandwich_violation(solution, X.shape[0], predictor.degree) <= 1e-12
+    assert np.all(np.isfinite(np.asarray(solution.log_t)))
+
+
+# Depths 4 and 5 are not covered yet: from these starts loss-based GD did not separate the
+# data within 1,600 steps (L = 4) and the flow ran out of steps at L = 5 (see issue notes).
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_theorem5_on_the_output(depth):
+    _check_theorem5(depth, seed=0, ds=0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_theorem5_more_seeds(depth, seed):
+    _check_theorem5(depth, seed, ds=1.0)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lyu_li_identity_along_output(depth, key):
+    X, y = _separable(key)
+    predictor = jm.linear() if depth == 1 else jm.deep_linear(2, 3)
+    params0 = predictor.init(jax.random.fold_in(key, 2), 3)
+    solution = jm.gradient_flow(predictor, params0, X, y, s_max=2.0, rtol=1e-12, atol=1e-14,
+                                solver="dopri8", num_saves=400)  # fmt: skip
+    residual = lyu_li_identity_residual(solution, predictor, X, y)
+    assert residual <= 1e-6, residual
+
+
+def test_zero_start_linear_and_rest_point_error(key):
+    X, y = _separable(key)
+    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(3),), X, y, s_max=1.0)
+    assert solution.status.code == codes.REACHED_TARGET
+    svm = jm.svm_direction(X, y)
+    assert float(solution.hard_margin[-1]) <= svm.margin + 1e-12
+    with pytest.raises(ValueError, match="rest point"):
+        jm.gradient_flow(jm.deep_linear(2, 3), (jnp.zeros((3, 3)), jnp.zeros(3)), X, y,
+                         s_max=1.0)  # fmt: skip
+
+
+def test_not_separable_reports_best_margin():
+    X = jnp.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    y = jnp.array([1.0, 1.0, 1.0])  # x and -x share a label: no linear separator
+    solution = jm.gradient_flow(jm.linear(), (jnp.array([0.1, 0.2]),), X, y, s_max=3.0,
+                                tau_max=50.0)  # fmt: skip
+    assert solution.status.code == codes.NOT_SEPARATED
+    assert not bool(solution.status.separated)
+    assert np.isfinite(float(solution.status.best_soft_margin))
+    assert float(solution.status.best_soft_margin) < 0
+    assert "did not separate" in solution.status.message
+
+
+def test_no_blow_up_for_degree_three_and_failures_keep_outputs(key):
+    X, y = _separable(key)
+    predictor = jm.deep_linear(3, 3)
+    params0 = predictor.init(key, 3)
+    # In the tau clock an L = 3 flow reaches infinity at a finite tau; in s it cannot.
+    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=1e6, rtol=1e-8)
+    assert np.all(np.isfinite(np.asarray(solution.soft_margin)))
+    assert float(solution.rho[-1]) ** 3 == pytest.approx(1e6, rel=1e-9)
+    tau = np.asarray(solution.tau)[np.asarray(solution.phase) == 2]
+    assert np.all(np.diff(tau) > 0) and np.all(np.diff(np.diff(tau)[-5:]) < 0)  # tau saturates
+    starved = jm.gradient_flow(predictor, params0, X, y, beta_max=1e6, max_steps=30)
+    assert starved.status.code == codes.MAX_STEPS
+    assert starved.s.shape[0] >= 1 and np.all(np.isfinite(np.asarray(starved.soft_margin)))
+
+
+def test_batch_over_seeds_compiles_once(key):
+    X, y = _separable(key)
+    predictor = jm.relu_mlp(2, 4)
+    traces = []
+
+    def counting_apply(params, x):
+        traces.append(1)
+        return predictor.apply(params, x)
+
+    counted = predictor._replace(apply=counting_apply, kinks=None)
+    batch = jax.vmap(lambda k: counted.init(k, 3))(jax.random.split(key, 3))
+    first = jm.gradient_flow_batch(counted, batch, X, y, s_max=1.0, num_saves=12)
+    count = len(traces)
+    batch2 = jax.tree.map(lambda a: 1.1 * a, batch)
+    jm.gradient_flow_batch(counted, batch2, X, y, s_max=1.0, num_saves=12)
+    assert len(traces) == count
+    for i in range(3):
+        single = jm.gradient_flow(counted, _last(batch, i), X, y, s_max=1.0, num_saves=12,
+                                  sliding=None)  # fmt: skip
+        rows = np.asarray(first.valid[i])
+        np.testing.assert_allclose(np.asarray(first.soft_margin[i])[rows], single.soft_margin,
+                                   rtol=1e-10, atol=1e-12)  # fmt: skip
+
+
+def test_bad_arguments(key):
+    X, y = _separable(key)
+    params = jm.linear().init(key, 3)
+    with pytest.raises(ValueError, match="target"):
+        jm.gradient_flow(jm.linear(), params, X, y)
+    with pytest.raises(ValueError, match="solver"):
+        jm.gradient_flow(jm.linear(), params, X, y, s_max=1.0, solver="rk99")
+    with pytest.raises(ValueError, match="labels"):
+        jm.gradient_flow(jm.linear(), params, X, 2 * y, s_max=1.0)
