@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-OPTIONS = dict(s_max=2.0, num_saves=16, max_steps=10_000, sliding=None)
+OPTIONS = dict(s_max=3.0, num_saves=16, max_steps=10_000, sliding=None)
 
 
 def problem(num_seeds: int):
@@ -61,19 +61,18 @@ def one_device(max_seeds: int, repeats: int) -> list[dict]:
 
     predictor, params, X, y = problem(max_seeds)
     # One by one: gradient_flow on each seed, compiled by the first call.
-    seed = lambda i: jax.tree.map(lambda leaf: leaf[i], params)  # noqa: E731
-    jax.block_until_ready(jm.gradient_flow(predictor, seed(0), X, y, **OPTIONS))
+    seeds = [jax.tree.map(lambda leaf, i=i: leaf[i], params) for i in range(max_seeds)]
+    jax.block_until_ready(jm.gradient_flow(predictor, seeds[0], X, y, **OPTIONS))
     single = []
-    for i in range(max_seeds):
+    for seed in seeds:
         start = time.perf_counter()
-        jax.block_until_ready(jm.gradient_flow(predictor, seed(i), X, y, **OPTIONS))
+        jax.block_until_ready(jm.gradient_flow(predictor, seed, X, y, **OPTIONS))
         single.append(time.perf_counter() - start)
     rows, count = [], 1
     while count <= max_seeds:
-        batch = jax.tree.map(lambda leaf: leaf[:count], params)  # noqa: B023
-        first, best, out = timed(
-            lambda: jm.gradient_flow_batch(predictor, batch, X, y, **OPTIONS), repeats  # noqa: B023
-        )
+        batch = jax.tree.map(lambda leaf, count=count: leaf[:count], params)
+        run = lambda batch=batch: jm.gradient_flow_batch(predictor, batch, X, y, **OPTIONS)  # noqa: E731
+        first, best, out = timed(run, repeats)
         codes = np.asarray(out.status.code)
         loop = float(np.sum(single[:count]))
         rows.append(dict(seeds=count, compile=first - best, batch=best, loop=loop,
@@ -98,7 +97,8 @@ def sweep_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
 
 
 def run_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # NPROC: XLA's CPU thread pool, above the device count (see sweep_gradient_flow).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(max(16, 4 * num_devices)))
     env.pop("XLA_FLAGS", None)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(num_devices),
                "--sweep-seeds", str(num_seeds), "--repeats", str(repeats)]  # fmt: skip
@@ -109,11 +109,17 @@ def run_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-seeds", type=int, default=256, help="largest batch (one device)")
-    parser.add_argument("--devices", type=int, nargs="*", default=[1, 2, 4],
-                        help="emulated device counts (none: skip)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4],
+        help="emulated device counts (none: skip)",
+    )
     parser.add_argument("--sweep-seeds", type=int, default=64, help="seeds of the device runs")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (best is kept)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -126,11 +132,15 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     print("throughput of the flow: deep_linear(2, 4), 16 points in R^4, "
           f"{', '.join(f'{k}={v}' for k, v in OPTIONS.items())}, tsit5")  # fmt: skip
-    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, "
-          f"{jax.devices()[0].platform}; compile times excluded (best of {args.repeats})\n")
+    print(
+        f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}; compile times excluded (best of {args.repeats})\n"
+    )
     print("one device: gradient_flow_batch (vmap) vs gradient_flow one seed at a time")
-    print(f"{'seeds':>6} {'compile s':>10} {'batch s':>9} {'runs/s':>9} {'loop s':>9} "
-          f"{'loop runs/s':>12} {'vmap gain':>10} {'reached':>8}")
+    print(
+        f"{'seeds':>6} {'compile s':>10} {'batch s':>9} {'runs/s':>9} {'loop s':>9} "
+        f"{'loop runs/s':>12} {'vmap gain':>10} {'reached':>8}"
+    )
     for row in one_device(args.max_seeds, args.repeats):
         print(f"{row['seeds']:>6} {row['compile']:>10.2f} {row['batch']:>9.4f} "
               f"{row['seeds'] / row['batch']:>9.1f} {row['loop']:>9.4f} "
@@ -139,8 +149,10 @@ def main(argv=None) -> None:
     if args.devices:
         print(f"\nemulated CPU devices: sweep_gradient_flow on {args.sweep_seeds} seeds "
               "(one fresh process per device count)")  # fmt: skip
-        print(f"{'devices':>8} {'compile s':>10} {'sweep s':>9} {'runs/s':>9} {'vs 1st':>8} "
-              f"{'reached':>8}")
+        print(
+            f"{'devices':>8} {'compile s':>10} {'sweep s':>9} {'runs/s':>9} {'vs 1st':>8} "
+            f"{'reached':>8}"
+        )
         base = None
         for count in args.devices:
             row = run_worker(count, args.sweep_seeds, args.repeats)

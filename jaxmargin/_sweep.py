@@ -34,9 +34,9 @@ def _sweep(static, mesh, batched_data, params0, X, y, tau_max, s_target, directi
     solve = jax.vmap(functools.partial(_solve, static),
                      in_axes=(0, data_axis, data_axis, None, None, None))  # fmt: skip
 
-    # The block of one device, traced here, outside shard_map: equinox's closure conversion
-    # (used by diffrax's event root finder) rejects the manual-mesh shardings that tracing
-    # inside shard_map gives its arguments. Inside, the traced program is only evaluated.
+    # The block of one device is traced here, outside shard_map, and only evaluated inside it:
+    # equinox's closure conversion (lineax/optimistix, e.g. a Newton event root finder) rejects
+    # the manual-mesh shardings that tracing inside shard_map gives its arguments.
     def local(arg, spec):
         def shape(leaf):
             if spec == seeds:
@@ -86,26 +86,35 @@ def sweep_gradient_flow(
 
     The batch (leading axis of every leaf of `params0_batch`) is padded to a multiple of the
     number of devices by repeating its last seed, split into equal blocks, one per device, and
-    each device integrates its block with `jax.vmap` of the engine's core (the same program as
+    each device integrates its block with `jax.vmap` of the engine's core (the program of
     `gradient_flow_batch`); the padding rows are dropped from the outputs. Runs never
     communicate: a device's solver loop stops when its own block is done.
 
-    Multi-host: start one process per host with `jax.distributed`, then make the same call
-    with the same inputs on every process (e.g. seeds drawn from the same key); `jax.devices()`
-    then lists the devices of all hosts and each host integrates the blocks of its own devices.
-    With `script.py` calling
-    `jax.distributed.initialize(coordinator_address=ADDR, num_processes=N, process_id=I)`
-    before any other JAX call and then `jm.sweep_gradient_flow(...)`, run on each host:
+    Multi-host (optional): start one process per host and make the same call, with the same
+    inputs (seeds drawn from the same key), in each; `jax.devices()` then lists the devices of
+    every host, each host integrates the blocks of its own devices, and every process gets the
+    whole result. With `sweep.py`:
 
-        # host 0 (the coordinator, reachable at 10.0.0.1:1234 from every host):
-        python script.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
-        # host 1:
-        python script.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1
+        import sys
+        import jax
+        jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                                   process_id=int(sys.argv[2]))  # before any other JAX call
+        import jaxmargin as jm
+        ...
+        solution = jm.sweep_gradient_flow(predictor, params0_batch, X, y, s_max=5.0)
 
-    (On a cluster manager that jax.distributed detects, such as SLURM, a bare
-    `jax.distributed.initialize()` is enough. On CPU-only hosts, also set
-    `jax.config.update("jax_cpu_collectives_implementation", "gloo")` before initializing,
-    for the final gather.) Every process gets the whole result.
+    run `python sweep.py 10.0.0.1:1234 0` on host 0 (the coordinator, at 10.0.0.1:1234) and
+    `python sweep.py 10.0.0.1:1234 1` on host 1. A cluster manager that jax.distributed
+    detects (SLURM, ...) needs only `jax.distributed.initialize()`. On CPU-only hosts, also run
+    `jax.config.update("jax_cpu_collectives_implementation", "gloo")` before initializing (the
+    final gather is a collective).
+
+    Several CPU devices (`jax.config.update("jax_num_cpu_devices", 4)` before JAX starts): the
+    batched LAPACK calls of ReLU sliding (`eigvalsh`, `solve` in _sliding.py) wait on XLA's CPU
+    thread pool, which has one thread per core; with as many devices as pool threads, every
+    thread waits and the sweep deadlocks (jaxlib, seen with 2 devices on 2 cores). Set the
+    pool size with the environment variable NPROC, above twice the device count (NPROC=16
+    for 4 devices), before JAX starts. GPUs are not affected.
 
     Args:
         predictor: an L-homogeneous Predictor.
@@ -122,8 +131,8 @@ def sweep_gradient_flow(
         A FlowSolution with a leading seed axis on every leaf, rows not trimmed (`valid` marks
         the saved points of each run), as from `gradient_flow_batch`. In one process the
         arrays stay on the devices: sharded along the seed axis when the batch divides evenly,
-        otherwise (padding was added) gathered after the padding is dropped. With several
-        processes they are numpy arrays, gathered on every process.
+        otherwise (an uneven sharding is not representable) gathered on the first device,
+        padding dropped. With several processes they are numpy arrays, on every process.
     """
     options = dict(flow_options)
     beta_max, s_max = options.pop("beta_max", None), options.pop("s_max", None)
