@@ -110,7 +110,8 @@ def cached(name: str, config, compute: Callable[[object], dict], *, force: bool 
 
 def main(module, argv=None) -> list[Claim]:
     """Command line shared by every experiment: python -m experiments.NAME [--quick] ..."""
-    name = module.__name__.rsplit(".", 1)[-1]
+    # Under `python -m experiments.NAME` the module is named "__main__": use its spec.
+    name = module.__spec__.name.rsplit(".", 1)[-1] if module.__spec__ else module.__name__
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
                                      description=module.__doc__)  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="test-sized configuration")

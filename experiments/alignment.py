@@ -27,7 +27,9 @@ width-32 bias-free ReLU MLP) for depths 2 and 3:
   leave the nearly tied support margins O(1/beta) apart in a way that is not the flow's balance,
   and p = softmax(-m) follows those gaps (see the notes on ties in jaxmargin/_kkt.py).
 
-Measured default-scale time (2 CPU cores, shared with another job): about 150 s.
+Measured default-scale time: 203 s wall on 2 CPU cores shared with another job (load ~6;
+the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
+535 s wall and 276 s of CPU together).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ pointing at one cluster) gives one ramp per cluster and a larger margin; random 
 net (loss-based GD) are also reported. The trapped end point is certified KKT for the remaining
 width-2 net (the dead unit's weights are a vanishing part of the direction).
 
-Measured default-scale time (2 CPU cores, shared with another job): about 60 s.
+Measured default-scale time: 105 s wall on 2 CPU cores shared with another job (load ~6;
+the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
+535 s wall and 276 s of CPU together).
 """
 
 from __future__ import annotations
