@@ -175,7 +175,7 @@ def test_kkt_trap_numbers(suite):
         margin = np.min(y * (np.maximum(X @ W.T, 0.0) @ a)) / (np.sum(W**2) + np.sum(a**2))
         assert margin == pytest.approx(float(saved[f"{tag}_hard_margin"][-1]), rel=1e-9)
     assert _claim(claims, "second coordinate").value == 0.0
-    assert _claim(claims, "max margin").value == pytest.approx(1.0, abs=1e-12)
+    assert _claim(claims, "the max margin (along e2)").value == pytest.approx(1.0, abs=1e-12)
     assert float(saved["relu_trapped_gd_unit0_change"]) == 0.0  # the dead unit, exactly
 
 

@@ -198,8 +198,10 @@ def test_batch_over_seeds_compiles_once(key):
         single = jm.gradient_flow(counted, _last(batch, i), X, y, s_max=1.0, num_saves=12,
                                   sliding=None)  # fmt: skip
         rows = np.asarray(first.valid[i])
+        # Batched matmuls round differently, and adaptive step sequences amplify round-off up
+        # to the solver tolerance (rtol 1e-8): compare at 100 x that.
         np.testing.assert_allclose(np.asarray(first.soft_margin[i])[rows], single.soft_margin,
-                                   rtol=1e-10, atol=1e-12)  # fmt: skip
+                                   rtol=1e-6, atol=1e-9)  # fmt: skip
 
 
 def test_bad_arguments(key):

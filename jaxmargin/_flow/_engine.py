@@ -102,8 +102,12 @@ def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
         stepsize_controller=diffrax.PIDController(rtol=static.rtol, atol=static.atol),
         # Bisection on -ln L over the step that crossed 0: robust where the field has kinks
         # (Newton on the dense interpolant failed to converge there).
+        # expand_if_necessary: under vmap the root find also runs for batch members whose
+        # event did not fire (their result is discarded); a bracket check would abort all.
         event=diffrax.Event(
-            separated, root_finder=optx.Bisection(rtol=1e-12, atol=1e-12), direction=True
+            separated,
+            root_finder=optx.Bisection(rtol=1e-12, atol=1e-12, expand_if_necessary=True),
+            direction=True,
         ),
         max_steps=static.max_steps,
         throw=False,
