@@ -64,7 +64,8 @@ def _small_relu_problem(depth, seed, n=16, width=6):
     return predictor, predictor.init(k_w, 3), X, y
 
 
-@pytest.mark.parametrize("depth", [2, 3])
+# L = 3 takes minutes on 2 cores (phase 1 through many kinks): run it with `make test-slow`.
+@pytest.mark.parametrize("depth", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_relu_against_halved_euler(depth):
     predictor, params0, X, y = _small_relu_problem(depth, seed=depth)
     to_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, rtol=1e-8, atol=1e-11)
