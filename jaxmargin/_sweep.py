@@ -17,8 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ._flow import _solution as S
-from ._flow._engine import _check_not_rest_point, _prepare, _solve, _static, _tol
-from ._flow._sliding import SlidingOptions
+from ._flow._engine import _check_not_rest_point, _prepare, _solve, _tol, static_from_options
 from ._validation import check_data
 
 AXIS = "seeds"
@@ -163,13 +162,7 @@ def sweep_gradient_flow(
         predictor, X, y, s_target = _prepare(predictor, params0_batch, X, y, beta_max, s_max,
                                              tau_max, True)  # fmt: skip
     _check_not_rest_point(predictor, params0_batch, batched=True)
-    static = _static(
-        predictor, options.pop("num_saves", 200), options.pop("max_steps", 100_000),
-        options.pop("solver", "tsit5"), options.pop("rtol", 1e-8), options.pop("atol", 1e-10),
-        direction_tol, options.pop("sliding", SlidingOptions()),
-    )  # fmt: skip
-    if options:
-        raise TypeError(f"unknown options {sorted(options)}")
+    static = static_from_options(predictor, options, direction_tol)
 
     devices = list(jax.devices() if devices is None else devices)
     if not devices:

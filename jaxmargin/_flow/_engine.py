@@ -325,6 +325,15 @@ def gradient_flow_batch(predictor, params0, X, y, **options) -> S.FlowSolution:
     predictor, X, y, s_target = _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, True)
     _check_not_rest_point(predictor, params0, batched=True)
     direction_tol = options.pop("direction_tol", None)
+    static = static_from_options(predictor, options, direction_tol)
+    params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
+    solve = jax.vmap(_solve, in_axes=(None, 0, None, None, None, None, None))
+    return solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
+
+
+def static_from_options(predictor, options: dict, direction_tol) -> _Static:
+    """The static config from gradient_flow_batch-style keyword options (consumed); the same
+    defaults as gradient_flow. Unknown options raise a TypeError."""
     static = _static(
         predictor, options.pop("num_saves", 200), options.pop("max_steps", 100_000),
         options.pop("solver", "tsit5"), options.pop("rtol", 1e-8), options.pop("atol", 1e-10),
@@ -332,9 +341,7 @@ def gradient_flow_batch(predictor, params0, X, y, **options) -> S.FlowSolution:
     )  # fmt: skip
     if options:
         raise TypeError(f"unknown options {sorted(options)}")
-    params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
-    solve = jax.vmap(_solve, in_axes=(None, 0, None, None, None, None, None))
-    return solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
+    return static
 
 
 def _tol(direction_tol):
