@@ -65,10 +65,14 @@ class Kinks(NamedTuple):
             where `gates[k]` = (mask, alpha) with mask True the derivative of the activation
             at unit j of hidden layer k is taken to be slope + alpha_j (1 - slope), whatever
             the sign of z_j: the element of the Clarke interval that keeps z_j on its kink.
+            An optional `offsets` (one array per hidden layer, zeros leave the value unchanged)
+            is added to the post-activations: its gradient is the backpropagated signal
+            d f / d h_j that scales the Clarke interval of unit j.
     """
 
     preactivations: Callable
     gated_apply: Callable
+    slope: float = 0.0  # negative-side slope of the activation (0 for ReLU)
 
 
 # --------------------------------------------------------------------------- activations
@@ -241,9 +245,11 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
             hidden = activation(z)
         return tuple(out)
 
-    def gated_apply(params, x, gates):
+    def gated_apply(params, x, gates, offsets=None):
         hidden = x
-        for layer, (mask, alpha) in zip(params[:-1], gates):
+        if offsets is None:
+            offsets = (0.0,) * (depth - 1)
+        for layer, (mask, alpha), offset in zip(params[:-1], gates, offsets):
             z = layer @ hidden
             sign_rule = jnp.where(z > 0, 1.0, jnp.where(z < 0, slope, slope + relu_grad_at_zero
                                                          * (1.0 - slope)))  # fmt: skip
@@ -251,7 +257,7 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
             # Value exactly activation(z); derivative in z exactly `derivative` (also in alpha).
             hidden = activation(jax.lax.stop_gradient(z)) + (z - jax.lax.stop_gradient(z)) * (
                 derivative
-            )
+            ) + offset
         return params[-1] @ hidden
 
     kind = "relu_mlp" if slope == 0.0 else f"leaky_relu_mlp[slope={slope}]"
@@ -260,7 +266,7 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
         init_scale=init_scale,
     )  # fmt: skip
     name = f"{kind}(depth={depth}, width={width}, relu'(0)={relu_grad_at_zero})"
-    kinks = Kinks(preactivations, gated_apply) if depth >= 2 else None
+    kinks = Kinks(preactivations, gated_apply, slope) if depth >= 2 else None
     return Predictor(
         init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild, kinks=kinks
     )

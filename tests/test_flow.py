@@ -20,15 +20,31 @@ def _last(tree, row):
     return jax.tree.map(lambda a: a[row], tree)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_smooth_models_against_scipy(depth, key):
+SOLVER_SETTINGS = {
+    "dopri8": dict(solver="dopri8", rtol=1e-12, atol=1e-14),
+    # Phase 2 on the linearly implicit W-method (second order: a tighter tolerance).
+    "rosenbrock": dict(solver="rosenbrock", rtol=1e-11, atol=1e-14, max_steps=400_000),
+}
+
+
+_L3_CRAWLS = pytest.mark.xfail(
+    strict=True, reason="known (issue 5): the W-method crawls on the L = 3 deep linear net and"
+    " exhausts max_steps before s = 1.5 at rtol 1e-11")
+
+
+@pytest.mark.parametrize(
+    "depth, solver",
+    [(d, s) for d in (1, 2, 3) for s in sorted(SOLVER_SETTINGS) if (d, s) != (3, "rosenbrock")]
+    + [pytest.param(3, "rosenbrock", marks=[_L3_CRAWLS, pytest.mark.slow])],
+)
+def test_smooth_models_against_scipy(depth, solver, key):
     X, y = _separable(key)
     predictor = jm.linear() if depth == 1 else jm.deep_linear(depth, 3)
     params0 = jax.tree.map(lambda w: 0.3 * w, predictor.init(jax.random.fold_in(key, 1), 3))
     model = DeepLinear([p.shape for p in params0])
     w0 = np.asarray(ravel_pytree(params0)[0])
-    solution = jm.gradient_flow(predictor, params0, X, y, s_max=1.5, solver="dopri8",
-                                rtol=1e-12, atol=1e-14, num_saves=40)  # fmt: skip
+    solution = jm.gradient_flow(predictor, params0, X, y, s_max=1.5, num_saves=40,
+                                **SOLVER_SETTINGS[solver])  # fmt: skip
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
 
     tau0, state0 = tau_flow(model, np.asarray(X), np.asarray(y), w0, 1e4)

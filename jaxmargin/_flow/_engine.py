@@ -22,6 +22,8 @@ from jax.flatten_util import ravel_pytree
 from .._margins import log_norm
 from .._validation import check_all
 from . import _solution as S
+from . import _rosenbrock as ros
+from ._kink_geometry import kink_geometry, per_example_margins
 from ._sliding import SlidingOptions, make_velocity
 from ._fields import (
     PolarState,
@@ -36,6 +38,11 @@ from ._fields import (
 
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8, "dopri5": diffrax.Dopri5,
            "heun": diffrax.Heun, "bosh3": diffrax.Bosh3}  # fmt: skip
+# Phase 2 with the linearly implicit Rosenbrock-W integrator of _rosenbrock.py (stiff regime,
+# beta >> 1); phase 1 then runs on diffrax's Tsit5.
+ROSENBROCK = "rosenbrock"
+_OUTCOME_CODES = {ros.REACHED_END: S.REACHED_TARGET, ros.CONVERGED: S.DIRECTION_CONVERGED,
+                  ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED}  # fmt: skip
 
 
 class _Static(NamedTuple):
@@ -87,7 +94,7 @@ def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
     save_ts = jnp.geomspace(1e-6, 1.0, static.saves_phase1 - 1) * tau_end
     return diffrax.diffeqsolve(
         diffrax.ODETerm(seed_field(velocity_fn)),
-        SOLVERS[static.solver](),
+        SOLVERS.get(static.solver, diffrax.Tsit5)(),
         0.0,
         tau_end,
         None,
@@ -154,6 +161,46 @@ def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, ta
     return solution, s0
 
 
+def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, s_end,
+                       direction_tol, start_separated):
+    """Phase 2 on the linearly implicit integrator; returns (records, outcome code, steps,
+    rejected steps, s0) with the same record layout as the diffrax path."""
+    degree = predictor.degree
+    margins_and_grads = per_example_margins(predictor, unravel, X, y)
+
+    def margins(w):
+        return margins_and_grads(w, None)[0]
+
+    geometry = kink_geometry(predictor, unravel, X, y, w1)
+    clock = ros.Clock(True, degree)
+    options = ros.RosenbrockOptions(tol=static.rtol)
+    s0 = log_norm(w1)
+    theta0 = w1 * jnp.exp(-s0)
+    # A run that starts separated sets its clock t at the quasi-steady value (see there).
+    log_t_loss0 = jnp.where(start_separated,
+                            ros.quasi_steady_log_t_loss(clock, margins_and_grads, s0, theta0),
+                            log_t_loss1)  # fmt: skip
+    out = ros.integrate(
+        clock, margins, margins_and_grads, geometry, options, s0, theta0,
+        jnp.stack([tau1, log_t_loss0]), s_end, jnp.linspace(s0, s_end, static.saves_phase2),
+        static.max_steps, direction_tol=direction_tol,
+    )  # fmt: skip
+
+    def record(s, theta, aux, saved):
+        q = margins(theta)
+        log_loss, _, _ = margins_summary(degree, s, q)
+        log_dtau_ds = ros.log_clock_rate(clock, margins, s, theta)
+        row = _record(degree, unravel, s, aux[0], aux[1] - log_loss, q, jnp.exp(s) * theta, 2,
+                      2.0 * s - log_dtau_ds, jnp.ones_like(s))  # fmt: skip
+        # Unused rows are inf, as diffrax pads them.
+        return jax.tree.map(lambda leaf: jnp.where(saved, leaf, jnp.inf), row)
+
+    records = jax.vmap(record)(out.xs, out.ys, out.auxs, out.saved)
+    code = jnp.select([out.outcome == k for k in _OUTCOME_CODES], list(_OUTCOME_CODES.values()),
+                      S.SOLVER_FAILED)  # fmt: skip
+    return records, code, out.steps, out.rejected, s0
+
+
 def _concatenate(first, second):
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
 
@@ -189,12 +236,30 @@ def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
     # rows are marked invalid below.
     run_phase2 = separated & (s_target > s1)
     s_end = jnp.where(run_phase2, s_target, s1 + 1e-9 * (1.0 + jnp.abs(s1)))
-    sol2, s0 = _phase2(
-        static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
-        direction_tol,
-    )
+    if static.solver == ROSENBROCK:
+        records2, code2, steps2, rejected2, s0 = _phase2_rosenbrock(
+            static, predictor, unravel, X, y, w1, log_t_loss1, tau1, s_end, direction_tol,
+            start_separated,
+        )  # fmt: skip
+        log_t_loss1 = jnp.where(start_separated, records2.log_t[0] + records2.log_loss[0],
+                                log_t_loss1)  # fmt: skip
+    else:
+        sol2, s0 = _phase2(
+            static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
+            direction_tol,
+        )
+        records2 = sol2.ys[0]
+        code2 = jnp.select(
+            [sol2.result == diffrax.RESULTS.event_occurred,
+             sol2.result == diffrax.RESULTS.max_steps_reached,
+             sol2.result == diffrax.RESULTS.successful],
+            [S.DIRECTION_CONVERGED, S.MAX_STEPS, S.REACHED_TARGET],
+            S.SOLVER_FAILED,
+        )  # fmt: skip
+        steps2 = sol2.stats["num_accepted_steps"]
+        rejected2 = sol2.stats["num_rejected_steps"]
 
-    records = _concatenate(_concatenate(sol1.ys[0], sol1.ys[1]), sol2.ys[0])
+    records = _concatenate(_concatenate(sol1.ys[0], sol1.ys[1]), records2)
     in_phase2 = jnp.arange(records.s.shape[0]) >= static.saves_phase1
     valid = jnp.isfinite(records.s) & jnp.isfinite(records.tau) & jnp.where(
         in_phase2, run_phase2, ~start_separated
@@ -202,30 +267,22 @@ def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
     records = records._replace(valid=valid, phase=jnp.where(valid, records.phase, 0).astype(int))
     finite = jnp.all(jnp.stack([jnp.isfinite(records.soft_margin), jnp.isfinite(records.log_t)])
                      | ~records.valid[None])  # fmt: skip
-    ok2 = sol2.result == diffrax.RESULTS.successful
     code = jnp.select(
         [
             ~separated & (sol1.result == diffrax.RESULTS.max_steps_reached),
             ~separated,
             ~finite,
             ~run_phase2,
-            sol2.result == diffrax.RESULTS.event_occurred,
-            sol2.result == diffrax.RESULTS.max_steps_reached,
-            ok2,
         ],
-        [S.MAX_STEPS, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET, S.DIRECTION_CONVERGED,
-         S.MAX_STEPS,
-         S.REACHED_TARGET],
-        S.SOLVER_FAILED,
+        [S.MAX_STEPS, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET],
+        code2,
     )  # fmt: skip
     valid_soft = jnp.where(records.valid, records.soft_margin, -jnp.inf)
     status = S.FlowStatus(
         code=code,
         separated=separated,
-        steps=jnp.stack([sol1.stats["num_accepted_steps"], sol2.stats["num_accepted_steps"]]),
-        rejected_steps=jnp.stack(
-            [sol1.stats["num_rejected_steps"], sol2.stats["num_rejected_steps"]]
-        ),
+        steps=jnp.stack([sol1.stats["num_accepted_steps"], steps2]),
+        rejected_steps=jnp.stack([sol1.stats["num_rejected_steps"], rejected2]),
         tau0=jnp.where(separated, tau1, jnp.nan),
         s0=jnp.where(separated, s0, jnp.nan),
         log_t0=jnp.where(separated, log_t_loss1 - jax.nn.logsumexp(-margin_fn(w1)), jnp.nan),
@@ -296,8 +353,12 @@ def gradient_flow(
         max_steps: solver-step budget of each phase.
         direction_tol: stop when ||dtheta/ds|| < direction_tol (direction converged).
         num_saves: saved points, 1/4 in phase 1 (log-spaced tau), 3/4 in phase 2 (even in s).
-        solver: a diffrax explicit solver name: "tsit5", "dopri5", "dopri8", "bosh3", "heun".
-        rtol, atol: PID step-size controller tolerances.
+        solver: a diffrax explicit solver name: "tsit5", "dopri5", "dopri8", "bosh3", "heun";
+            or "rosenbrock": phase 2 on the linearly implicit Rosenbrock-W integrator of
+            _rosenbrock.py (stiff part implicit, kinks as constraints), the one that reaches
+            the asymptotic regime (beta >> 1e6); phase 1 then uses Tsit5.
+        rtol, atol: PID step-size controller tolerances (rosenbrock: rtol is its local error
+            tolerance).
         sliding: how ReLU kinks are handled (a SlidingOptions, see _sliding.py: the Filippov
             equivalent control on sliding kinks), or None for the plain autodiff element.
 
@@ -349,8 +410,9 @@ def _tol(direction_tol):
 
 
 def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, sliding):
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if solver not in SOLVERS and solver != ROSENBROCK:
+        raise ValueError(
+            f"solver must be one of {sorted(SOLVERS) + [ROSENBROCK]}, got {solver!r}")
     if num_saves < 8:
         raise ValueError(f"num_saves must be at least 8, got {num_saves}")
     if max_steps < 1:

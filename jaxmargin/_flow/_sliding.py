@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._box_qp import box_qp
+
 
 class SlidingOptions(NamedTuple):
     candidates: int = 64
@@ -103,32 +105,8 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
 def box_least_squares(C, d, free, iterations):
     """argmin ||C a + d||^2 over a in [0, 1]^k; entries with free = False stay at 0.
 
-    Accelerated projected gradient (FISTA, Beck & Teboulle 2009) with the exact Lipschitz
-    constant, then a polish: the normal equations solved exactly on the interior set it found,
-    kept when it lowers the objective. The min-norm element of the Clarke set is the velocity of
-    the subgradient flow (Davis, Drusvyatskiy, Kakade & Lee 2020).
+    The min-norm element of the Clarke set is the velocity of the subgradient flow (Davis,
+    Drusvyatskiy, Kakade & Lee 2020).
     """
-    H = C.T @ C
-    c = C.T @ d
-    k = H.shape[0]
-    lipschitz = jnp.maximum(jnp.linalg.eigvalsh(H)[-1], 1e-300)
-
-    def accelerated_step(_, state):
-        a, z, t = state
-        a_next = jnp.where(free, jnp.clip(z - (H @ z + c) / lipschitz, 0.0, 1.0), 0.0)
-        t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-        return a_next, a_next + ((t - 1.0) / t_next) * (a_next - a), t_next
-
-    start = jnp.where(free, 0.5, 0.0)
-    a, _, _ = jax.lax.fori_loop(0, iterations, accelerated_step, (start, start, 1.0))
-    interior = free & (a > 1e-9) & (a < 1.0 - 1e-9)
-    fixed = jnp.where(interior, 0.0, a)
-    ridge = 1e-13 * jnp.trace(H) * jnp.eye(k, dtype=H.dtype)
-    system = jnp.where(interior[:, None] & interior[None, :], H + ridge, jnp.eye(k, dtype=H.dtype))
-    exact = jnp.linalg.solve(system, jnp.where(interior, -(c + H @ fixed), 0.0))
-    polished = jnp.where(interior, jnp.clip(exact, 0.0, 1.0), a)
-
-    def objective(x):
-        return jnp.sum((C @ x + d) ** 2)
-
-    return jnp.where(objective(polished) <= objective(a), polished, a)
+    ones = jnp.ones(C.shape[1], C.dtype)
+    return box_qp(C.T @ C, C.T @ d, 0.0 * ones, ones, free, iterations)

@@ -1,0 +1,93 @@
+"""How far towards beta = ||w||^L -> infinity each method gets (issue 5), side by side.
+
+    python bench/asymptotic.py [--beta-max 1e12] [--max-steps 400000] [--relu-max-steps 20000]
+
+Cases: the linear model on Soudry et al.'s data from w = 0; a depth-2 and depth-3 deep linear
+net (width 5) on random separable data (d = 10, n = 40); the reference ReLU problem of NOTES §6
+(L = 2, 3). For each: jm.gradient_flow(solver="rosenbrock") to beta_max or its step budget,
+then loss-based-LR gradient descent (Lyu & Li's schedule) from the same start for the same wall
+time. Printed: wall time (compilation included), status, beta reached by each and the ratio in
+log10, final soft margins, the largest relative decrease of the soft margin after t0 (Theorem 5)
+and, where an exact limit exists, the distance of the final direction to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmargin as jm
+from jaxmargin._checks import theorem5_max_decrease
+
+
+def _cases():
+    X, y = jm.soudry_dataset(0)
+    yield ("linear, Soudry data", jm.linear(), (jnp.zeros(2),), jnp.asarray(X), jnp.asarray(y),
+           1e-8)  # fmt: skip
+    rng = np.random.default_rng(0)
+    Xr = rng.normal(size=(40, 10))
+    yr = np.sign(Xr @ rng.normal(size=10))
+    for depth in (2, 3):
+        predictor = jm.deep_linear(depth, 5)
+        yield (f"deep linear L={depth}", predictor, predictor.init(jax.random.key(1), 10),
+               jnp.asarray(Xr), jnp.asarray(yr), 1e-6)  # fmt: skip
+    for depth in (2, 3):
+        predictor, params, X, y = jm.reference_problem(depth)
+        yield f"ReLU reference L={depth}", predictor, params, X, y, 1e-6
+
+
+def _distance_to_limit(predictor, params, X, y):
+    if predictor.end_to_end is None:
+        return float("nan")
+    beta = np.asarray(predictor.end_to_end(params), dtype=float)
+    return float(np.linalg.norm(beta / np.linalg.norm(beta) - jm.svm_direction(X, y).direction))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--beta-max", type=float, default=1e12)
+    parser.add_argument("--max-steps", type=int, default=400_000)
+    parser.add_argument("--relu-max-steps", type=int, default=20_000,
+                        help="phase-2 budget of the ReLU cases (the W-method crawls there)")
+    args = parser.parse_args()
+    header = (f"{'case':24s} {'engine s':>9s} {'status':28s} {'log10 beta':>10s} "
+              f"{'GD log10 beta':>13s} {'ratio log10':>11s} {'soft margin':>12s} "
+              f"{'GD soft':>9s} {'thm5 max decr':>13s} {'dist to SVM':>11s}")  # fmt: skip
+    print(header)
+    for name, predictor, params, X, y, rtol in _cases():
+        start = time.perf_counter()
+        solution = jm.gradient_flow(predictor, params, X, y, beta_max=args.beta_max,
+                                    solver="rosenbrock", rtol=rtol,
+                                    max_steps=args.relu_max_steps if predictor.kinks
+                                    else args.max_steps)  # fmt: skip
+        wall = time.perf_counter() - start
+        L = predictor.degree
+        log10_beta = L * float(solution.s[-1]) / np.log(10)
+        last = jax.tree.map(lambda a: a[-1], solution.params)
+        # Loss-based GD for the same wall time: calibrate its speed, then run.
+        probe = 20_000
+        t = time.perf_counter()
+        jm.gradient_descent(predictor, params, X, y, schedule="loss_based", steps=probe,
+                            num_logs=2)  # fmt: skip
+        per_step = (time.perf_counter() - t) / probe
+        gd = jm.gradient_descent(predictor, params, X, y, schedule="loss_based",
+                                 steps=max(int(wall / per_step), probe), num_logs=10)
+        # GD's last finite log (its status says when an update went non-finite).
+        finite = np.isfinite(np.asarray(gd.soft_margin)) & np.isfinite(np.asarray(gd.rho))
+        k = int(np.flatnonzero(finite)[-1])
+        gd_log10_beta = L * float(np.log(gd.rho[k])) / np.log(10)
+        gd_soft = float(gd.soft_margin[k])
+        print(f"{name:24s} {wall:9.1f} {solution.status.message[:28]:28s} {log10_beta:10.2f} "
+              f"{gd_log10_beta:13.2f} {log10_beta - gd_log10_beta:11.2f} "
+              f"{float(solution.soft_margin[-1]):12.7f} {gd_soft:9.6f} "
+              f"{theorem5_max_decrease(solution):13.1e} "
+              f"{_distance_to_limit(predictor, last, X, y):11.1e}  GD: {gd.status}",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

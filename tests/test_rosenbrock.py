@@ -1,0 +1,100 @@
+"""The linearly implicit integrator (_rosenbrock.py): its linear algebra against dense numpy,
+and the beta -> infinity limits it must reach exactly (issue 5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmargin as jm
+from jaxmargin._checks import theorem5_max_decrease
+from jaxmargin._flow import _rosenbrock as ros
+from jaxmargin._flow import _solution as codes
+
+
+def test_woodbury_solve_matches_dense(rng):
+    d, n, h = 30, 7, 0.01
+    # Columns graded like sqrt(p) at large beta, times sqrt(beta).
+    V = rng.normal(size=(d, n)) * np.sqrt(1e8) * np.geomspace(1.0, 1e-6, n)[None, :]
+    b = rng.normal(size=d)
+    jac = np.array([0.0, -3e5])
+    solve = ros.w_solver(jnp.asarray(V), jnp.asarray(jac), h)
+    ky, ka = solve(jnp.asarray(b), jnp.ones(2))
+    W = np.eye(d) + ros.GAMMA * h * V @ V.T
+    # Backward error: the residual of W k = b relative to ||W|| ||k|| + ||b|| (W's condition
+    # number is ~1e6 here, so forward errors of any solver, numpy's included, are ~1e-10).
+    ky = np.asarray(ky)
+    residual = np.linalg.norm(W @ ky - b) / (np.linalg.norm(W, 2) * np.linalg.norm(ky)
+                                              + np.linalg.norm(b))  # fmt: skip
+    assert residual <= 1e-14
+    np.testing.assert_allclose(ky, np.linalg.solve(W, b), rtol=1e-7, atol=1e-8 * np.linalg.norm(b))
+    np.testing.assert_allclose(np.asarray(ka), 1.0 / (1.0 - ros.GAMMA * h * jac), rtol=1e-14)
+
+
+def test_tangent_projector_is_the_orthogonal_projection(rng):
+    rows = rng.normal(size=(5, 9))
+    active = np.array([True, False, True, True, False])
+    project = ros.tangent_projector(jnp.asarray(rows), jnp.asarray(active))
+    A = rows[active]
+    reference = np.eye(9) - A.T @ np.linalg.solve(A @ A.T, A)
+    v = rng.normal(size=9)
+    np.testing.assert_allclose(np.asarray(project(jnp.asarray(v))), reference @ v, atol=1e-12)
+
+
+def test_exp_trapezoid_exact_for_linear_exponents():
+    h, a, b = 0.3, -2.0, 5.0
+    exact = h * (np.exp(b) - np.exp(a)) / (b - a)
+    assert float(ros.exp_trapezoid(h, a, b)) == pytest.approx(exact, rel=1e-14)
+    assert float(ros.exp_trapezoid(h, 1.0, 1.0 + 1e-12)) == pytest.approx(h * np.e, rel=1e-11)
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=float)
+    return v / np.linalg.norm(v)
+
+
+def test_linear_soudry_reaches_the_svm_direction_at_beta_1e12():
+    X, y = jm.soudry_dataset(0)
+    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e12,
+                                solver="rosenbrock", rtol=1e-8, max_steps=200_000)  # fmt: skip
+    assert solution.status.code == codes.REACHED_TARGET, solution.status.message
+    assert float(solution.rho[-1]) == pytest.approx(1e12, rel=1e-9)
+    direction = _unit(solution.params[0][-1])
+    assert np.linalg.norm(direction - jm.svm_direction(X, y).direction) <= 1e-8
+    assert theorem5_max_decrease(solution) <= 1e-9
+    assert np.all(np.isfinite(np.asarray(solution.log_t)))
+
+
+@pytest.mark.parametrize("dim", [10, 50])
+def test_linear_random_data_reaches_the_svm_direction(dim, rng):
+    n = 2 * dim
+    X = rng.normal(size=(n, dim))
+    y = np.sign(X @ rng.normal(size=dim))
+    params0 = (jnp.asarray(0.1 * rng.normal(size=dim)),)
+    solution = jm.gradient_flow(jm.linear(), params0, X, y, beta_max=1e12, solver="rosenbrock",
+                                rtol=1e-8, max_steps=300_000)  # fmt: skip
+    assert solution.status.code == codes.REACHED_TARGET, solution.status.message
+    direction = _unit(solution.params[0][-1])
+    assert np.linalg.norm(direction - jm.svm_direction(X, y).direction) <= 1e-8
+    assert theorem5_max_decrease(solution) <= 1e-9
+
+
+def test_deep_linear_depth2_reaches_the_svm_direction(rng):
+    dim, n = 10, 40
+    X = rng.normal(size=(n, dim))
+    y = np.sign(X @ rng.normal(size=dim))
+    predictor = jm.deep_linear(2, 5)
+    params0 = predictor.init(jax.random.key(1), dim)
+    solution = jm.gradient_flow(predictor, params0, jnp.asarray(X), jnp.asarray(y),
+                                beta_max=1e12, solver="rosenbrock", rtol=1e-6,
+                                max_steps=300_000)  # fmt: skip
+    assert solution.status.code == codes.REACHED_TARGET, solution.status.message
+    last = jax.tree.map(lambda a: a[-1], solution.params)
+    direction = _unit(predictor.end_to_end(last))
+    assert np.linalg.norm(direction - jm.svm_direction(X, y).direction) <= 1e-6
+    assert theorem5_max_decrease(solution) <= 1e-9
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261128)
