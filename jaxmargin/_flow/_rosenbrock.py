@@ -349,8 +349,15 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
             # v' = e^l - r v with r = d(-ln L)/ds ~ L beta gamma~, so v = e^l / (r - l') up to a
             # relative O(r' / r^2) = O(L / r). There the W-method's estimate is dominated by the
             # rounding noise of e^(l-u) - r (two O(beta) terms), so use the closed form instead.
-            u_slaved, rate = quasi_steady_log_t_loss(clock, margins_and_grads, c.x + h, y_new,
-                                                     with_rate=True)  # fmt: skip
+            # Its extra gradient evaluation is skipped while the start of the step is far from
+            # that regime (-aux_jacobian = e^(l-u) ~ r there).
+            u_slaved, rate = jax.lax.cond(
+                -F1.aux_jacobian[1] > 1e7,
+                lambda v: quasi_steady_log_t_loss(clock, margins_and_grads, c.x + h, v,
+                                                  with_rate=True),
+                lambda v: (aux_new[1], jnp.zeros_like(aux_new[1])),
+                y_new,
+            )  # fmt: skip
             slaved = rate > 1e9
             aux_new = aux_new.at[1].set(jnp.where(slaved, u_slaved, aux_new[1]))
             err_a = jnp.where(slaved, 0.0, err_a)
