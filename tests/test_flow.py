@@ -27,16 +27,8 @@ SOLVER_SETTINGS = {
 }
 
 
-_L3_CRAWLS = pytest.mark.xfail(
-    strict=True, reason="known (issue 5): the W-method crawls on the L = 3 deep linear net and"
-    " exhausts max_steps before s = 1.5 at rtol 1e-11")
-
-
-@pytest.mark.parametrize(
-    "depth, solver",
-    [(d, s) for d in (1, 2, 3) for s in sorted(SOLVER_SETTINGS) if (d, s) != (3, "rosenbrock")]
-    + [pytest.param(3, "rosenbrock", marks=[_L3_CRAWLS, pytest.mark.slow])],
-)
+@pytest.mark.parametrize("solver", sorted(SOLVER_SETTINGS))
+@pytest.mark.parametrize("depth", [1, 2, 3])
 def test_smooth_models_against_scipy(depth, solver, key):
     X, y = _separable(key)
     predictor = jm.linear() if depth == 1 else jm.deep_linear(depth, 3)
