@@ -98,3 +98,32 @@ def test_deep_linear_depth2_reaches_the_svm_direction(rng):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261128)
+
+
+def test_tau_clock_and_t0_event_match_diffrax(rng):
+    """The integrator's tau clock (phase 1, event at -ln L = 0) against the diffrax phase 1."""
+    from jax.flatten_util import ravel_pytree
+
+    from jaxmargin._flow._kink_geometry import per_example_margins
+
+    X, y = jm.soudry_dataset(0)
+    X, y = jnp.asarray(X), jnp.asarray(y)
+    params0 = (jnp.array([-0.3, 0.1]),)
+    reference = jm.gradient_flow(jm.linear(), params0, X, y, s_max=1.0, solver="dopri8",
+                                 rtol=1e-12, atol=1e-14)  # fmt: skip
+    w0, unravel = ravel_pytree(params0)
+    margins_and_grads = per_example_margins(jm.linear(), unravel, X, y)
+
+    def margins(w):
+        return margins_and_grads(w, None)[0]
+
+    out = ros.integrate(
+        ros.Clock(False, 1), margins, margins_and_grads, None,
+        ros.RosenbrockOptions(tol=1e-10), 0.0, w0, jnp.zeros(2), 1e4,
+        jnp.geomspace(1e-6, 1.0, 8) * 1e4, 100_000,
+        event=lambda w: -jax.nn.logsumexp(-margins(w)),
+    )  # fmt: skip
+    assert int(out.outcome) == ros.EVENT
+    assert float(out.x) == pytest.approx(float(reference.status.tau0), rel=1e-6)
+    # t0 in exponential-loss time: ln t0 from the quadrature of dt/dtau = 1/L.
+    assert np.log(float(out.aux[0])) == pytest.approx(float(reference.status.log_t0), abs=1e-6)
