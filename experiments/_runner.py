@@ -16,12 +16,13 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,15 @@ def results_dir() -> Path:
 def figures_dir() -> Path:
     """figures/ (or $JAXMARGIN_FIGURES)."""
     return Path(os.environ.get("JAXMARGIN_FIGURES", ROOT / "figures"))
+
+
+def progress(iterable: Iterable, label: str, total: int | None = None) -> Iterable:
+    """A progress bar over the long loops of an experiment (shown only on a terminal).
+
+    The per-run lines the modules print stay the record in logs; the bar adds the count and an
+    estimate of the time left while someone watches.
+    """
+    return tqdm(iterable, desc=label, total=total, leave=False, disable=None, dynamic_ncols=True)
 
 
 class Claim(NamedTuple):

@@ -47,7 +47,7 @@ import jaxmargin as jm
 from jaxmargin._flow._fields import polar_quantities
 from jaxmargin._flow._sliding import SlidingOptions, make_velocity
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 
 NAME = "alignment"
@@ -102,7 +102,8 @@ def _alignments(predictor, params, X, y, velocity_alignment) -> tuple[np.ndarray
 def run(config: Config) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     start = time.perf_counter()
-    for depth, beta_max, max_steps in zip(config.depths, config.beta_max, config.max_steps):
+    runs = zip(config.depths, config.beta_max, config.max_steps)
+    for depth, beta_max, max_steps in progress(runs, "alignment", total=len(config.depths)):
         predictor, params0, _, _ = jm.reference_problem(depth)
         velocity_alignment = _velocity_alignment_fn(predictor, params0)
         if config.flow:

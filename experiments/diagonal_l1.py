@@ -36,7 +36,7 @@ import numpy as np
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 
 NAME = "diagonal_l1"
@@ -98,7 +98,7 @@ def _metrics(B, X, y, depth, lp_direction, lp_net_margin):
 def run(config: Config) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     start = time.perf_counter()
-    for seed in range(config.seeds):
+    for seed in progress(range(config.seeds), "diagonal_l1"):
         X, y = dataset(seed, config.n, config.dim, config.teacher_sparsity)
         lp = jm.l1_max_margin(X, y)
         out[f"seed{seed}_X"], out[f"seed{seed}_y"] = X, y

@@ -35,7 +35,7 @@ from scipy.interpolate import CubicSpline
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import figure, save_figure
 from .theorem5 import Config as Theorem5Config
 from .theorem5 import largest_relative_decrease, synthetic_data
@@ -83,7 +83,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
     out = {"lrs": np.asarray(config.lrs)}
     rows = {key: [] for key in ("log_rho", "soft", "log_time")}
     status = []
-    for lr in config.lrs:
+    for lr in progress(config.lrs, "gd_vs_flow"):
         start = time.perf_counter()
         gd = jm.gradient_descent(predictor, params0, X, y, schedule="constant", lr=lr,
                                  steps=config.steps, num_logs=config.steps)  # fmt: skip

@@ -32,7 +32,7 @@ import numpy as np
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 
 NAME = "lemma2"
@@ -145,7 +145,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
     raw_error = np.zeros((n_depth, len(config.radii)))
     extrapolated_error = np.zeros((n_depth, len(config.radii)))
     start = time.perf_counter()
-    for i, depth in enumerate(config.depths):
+    for i, depth in progress(enumerate(config.depths), "lemma2", total=len(config.depths)):
         rng = np.random.default_rng(1000 + depth)
         predictor = jm.relu_mlp(depth, config.width)
         for j in range(n_seed):

@@ -29,7 +29,7 @@ import numpy as np
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 
 NAME = "lemma4"
@@ -99,7 +99,8 @@ def run(config: Config) -> dict[str, np.ndarray]:
     out = {name: np.zeros(shape) for name in names}
     degrees = np.zeros(len(models), dtype=np.int64)
     start = time.perf_counter()
-    for i, (label, predictor, in_shape) in enumerate(models):
+    for i, (label, predictor, in_shape) in progress(enumerate(models), "lemma4",
+                                                     total=len(models)):
         degrees[i] = predictor.degree
         for j in range(config.seeds):
             key = jax.random.fold_in(jax.random.key(i), j)

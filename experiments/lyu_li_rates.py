@@ -45,7 +45,7 @@ import numpy as np
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 from .theorem5 import Config as Theorem5Config
 from .theorem5 import synthetic_data
@@ -120,7 +120,8 @@ def run(config: Config) -> dict[str, np.ndarray]:
     X, y = synthetic_data(config.n, config.dim, config.gap)
     sliding = jm.SlidingOptions(candidates=config.candidates)
     results = {}
-    for L, beta_max in zip(config.depths, config.beta_max):
+    for L, beta_max in progress(zip(config.depths, config.beta_max), NAME,
+                                total=len(config.depths)):
         predictor = predictor_for(L, config)
         collected = {key: [] for key in FIELDS}
         codes, steps, log_t0, used = [], [], [], []

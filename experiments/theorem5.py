@@ -48,7 +48,7 @@ import numpy as np
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 
 NAME = "theorem5"
@@ -214,7 +214,8 @@ def run_group(label, predictor, X, y, params_list, *, gain, rtol, max_steps, num
 def run(config: Config) -> dict[str, np.ndarray]:
     results = {}
     sliding = jm.SlidingOptions(candidates=config.candidates)
-    for L, gain, rtol in zip(config.depths, config.beta_gain, config.rtol):
+    for L, gain, rtol in progress(zip(config.depths, config.beta_gain, config.rtol),
+                                  NAME, total=len(config.depths)):
         predictor = jm.relu_mlp(L, config.width, init_scale=config.init_scale)
         params_list = [predictor.init(jax.random.key(1000 * L + seed), config.dim)
                        for seed in range(config.seeds)]  # fmt: skip

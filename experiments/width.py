@@ -30,7 +30,7 @@ from scipy.stats import spearmanr
 
 import jaxmargin as jm
 
-from ._runner import Claim, main
+from ._runner import Claim, main, progress
 from ._style import depth_color, figure, save_figure
 
 NAME = "width"
@@ -62,7 +62,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
     out = {key: np.full(shape, np.nan) for key in ("product", "l2", "soft", "log_beta")}
     curves = {key: np.full(shape + (config.num_logs + 1,), np.nan)
               for key in ("curve_soft", "curve_log_rho", "curve_step")}  # fmt: skip
-    for i, width in enumerate(config.widths):
+    for i, width in progress(enumerate(config.widths), NAME, total=len(config.widths)):
         predictor = jm.relu_mlp(2, width, init_scale=config.init_scale)
         for seed in range(config.seeds):
             start = time.perf_counter()

@@ -1,5 +1,11 @@
+import os
+
 import jax
 import pytest
+
+# The experiment package turns on a persistent compilation cache in the repository; tests that
+# import it must not write there (the cache's own tests pass a temporary directory).
+os.environ.setdefault("JAXMARGIN_COMPILE_CACHE", "off")
 
 import jaxmargin  # noqa: F401  (turns on float64)
 
