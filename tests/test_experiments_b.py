@@ -15,8 +15,8 @@ import pytest
 
 from experiments._runner import Claim, cached, results_path
 
-# About 80 s on 2 loaded cores (measured 2026-11-28): run with `make test-slow`.
-pytestmark = pytest.mark.slow
+# Part of `make test`: test_experiments_a and _b together take 103 s on 2 quiet cores
+# (measured 2026-11-28).
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = {
