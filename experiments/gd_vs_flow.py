@@ -56,8 +56,8 @@ class Config:
                               0.16, 0.3, 1.0)
     steps: int = 60_000  # GD steps per step size, every one logged (t = 60 at lr = 1e-3)
     window: tuple[float, float] = (0.05, 0.45)  # ln||w|| window: (s0 + a, s0 + b), flow's s0
-    # The reference flow: a tight rtol and a small sliding threshold. With the engine's default
-    # threshold 1e-3 the flow's gamma~ sat ~2e-5 away from GD's lr -> 0 limit (measured), so
+    # The reference flow: a tight rtol and a small sliding threshold. With the engine's former
+    # default threshold 1e-3 the flow's gamma~ sat ~2e-5 away from GD's lr -> 0 limit (measured), so
     # the distance stopped shrinking below lr ~ 3e-3; 1e-2 gave a 2e-4 floor.
     rtol: float = 1e-8
     threshold: float = 1e-5

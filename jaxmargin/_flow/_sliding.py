@@ -28,10 +28,13 @@ class SlidingOptions(NamedTuple):
     candidates: int = 64
     # The Clarke element is applied to pre-activations within `threshold` (relative to mean |z|)
     # of their kink, where relu(z) = alpha z holds only to O(threshold): Euler's identity, hence
-    # the Lyu & Li identity along the output, is off by that much. Measured 2026-11-28 (ReLU
-    # L = 2, rtol 1e-6, three seeds): 1e-3 -> relative residual up to 3.3e-5 before t0;
-    # 1e-5 -> <= 2e-7 for ~1.1-4.7x the phase-1 steps; 1e-6 -> 4e-8 but ~4x the phase-2 steps.
-    threshold: float = 1e-5
+    # the Lyu & Li identity along phase 1, is off by about that much. Measured 2026-11-28 (ReLU
+    # L = 2, n = 16, rtol 1e-6, three seeds, largest relative residual before t0): 1e-3 -> 3.3e-5,
+    # 1e-4 -> 1.2e-6, 1e-5 -> 2e-7, at the same cost down to 1e-4; but on the reference problem
+    # (NOTES §6) 1e-5 crawls: 8,337 phase-2 steps (+11,663 rejected) did not reach beta = 1e3,
+    # which 1e-4 and 1e-3 reach in ~500. Phase 2 takes its radial speed from Euler's identity
+    # on the margins, so the band does not enter the identity there.
+    threshold: float = 1e-4
     qp_iterations: int = 500
 
 
