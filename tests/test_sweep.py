@@ -8,6 +8,7 @@ engine costs ~5-15 s of CPU, so the default test compiles three programs (refere
 one-device sweep, four-device sweep) and the per-seed-datasets variant on four devices is slow.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,38 @@ def test_sweep_per_seed_data_on_four_devices(tmp_path):
     _assert_same(here, here, "one", "reference", slice(0, 6))
     _assert_same(there, here, "per_seed", "reference", slice(0, 3))
     _assert_same(there, here, "per_seed", "reference2", slice(3, 6))
+
+
+RELU_SLIDING_CHILD = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import jax.numpy as jnp, numpy as np
+import jaxmargin as jm
+from jaxmargin._sweep import sweep_gradient_flow
+X = jax.random.normal(jax.random.key(0), (16, 3)); y = jnp.sign(X.sum(1))
+predictor = jm.relu_mlp(2, 6)
+params0 = jax.vmap(lambda k: predictor.init(k, 3))(jax.random.split(jax.random.key(1), 5))
+options = dict(s_max=1.5, max_steps=3000, num_saves=8, sliding=jm.SlidingOptions(candidates=8))
+swept = sweep_gradient_flow(predictor, params0, X, y, **options)
+batch = jm.gradient_flow_batch(predictor, params0, X, y, **options)
+soft = [np.asarray(a.soft_margin) for a in (swept, batch)]
+print(json.dumps(dict(devices=len(jax.devices()), codes=np.asarray(swept.status.code).tolist(),
+                      diff=float(np.nanmax(np.abs(soft[0] - soft[1]))))))
+"""
+
+
+@pytest.mark.slow
+def test_relu_sliding_sweep_on_two_devices():
+    """ReLU with sliding (the box QP inside the solver loop) on 2 emulated devices of a machine
+    that may have only 2 cores: once a deadlock in the batched eigvalsh, now it must finish and
+    equal the one-device batch; 5 seeds (one padded)."""
+    done = subprocess.run([sys.executable, "-c", RELU_SLIDING_CHILD], capture_output=True,
+                          text=True, check=False, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["codes"] == [0] * 5
+    assert result["diff"] <= 1e-12
 
 
 def test_bad_arguments():
