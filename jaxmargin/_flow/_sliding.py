@@ -28,12 +28,12 @@ class SlidingOptions(NamedTuple):
     candidates: int = 64
     # The Clarke element is applied to pre-activations within `threshold` (relative to mean |z|)
     # of their kink, where relu(z) = alpha z holds only to O(threshold): Euler's identity, hence
-    # the Lyu & Li identity along phase 1, is off by about that much. Measured 2026-11-28 (ReLU
-    # L = 2, n = 16, rtol 1e-6, three seeds, largest relative residual before t0): 1e-3 -> 3.3e-5,
-    # 1e-4 -> 1.2e-6, 1e-5 -> 2e-7, at the same cost down to 1e-4; but on the reference problem
-    # (NOTES §6) 1e-5 crawls: 8,337 phase-2 steps (+11,663 rejected) did not reach beta = 1e3,
-    # which 1e-4 and 1e-3 reach in ~500. Phase 2 takes its radial speed from Euler's identity
-    # on the margins, so the band does not enter the identity there.
+    # the Lyu & Li identity along phase 1, is off by about that much. `python bench/sliding_band.py
+    # --reference`, 2026-11-28 (ReLU L = 2, n = 16, rtol 1e-6, three seeds, largest relative
+    # residual before t0): 1e-3 -> 3.3e-5, 1e-4 -> 1.2e-6, 1e-5 -> 2e-7, at about the same cost
+    # on that problem; but on the reference problem (NOTES §6) 1e-5 crawls: 8,337 phase-2 steps
+    # (+11,663 rejected) did not reach beta = 1e3, which 1e-4 and 1e-3 reach in ~500. Phase 2
+    # takes its radial speed from Euler's identity on the margins: the band does not enter there.
     threshold: float = 1e-4
     qp_iterations: int = 500
 
