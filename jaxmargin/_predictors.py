@@ -67,7 +67,10 @@ class Kinks(NamedTuple):
             the sign of z_j: the element of the Clarke interval that keeps z_j on its kink.
             An optional `offsets` (one array per hidden layer, zeros leave the value unchanged)
             is added to the post-activations: its gradient is the backpropagated signal
-            d f / d h_j that scales the Clarke interval of unit j.
+            d f / d h_j that scales the Clarke interval of unit j. With `branch=True` a masked
+            unit also takes its value from that derivative (derivative * z, the linear piece
+            it selects), so that a frozen activation pattern gives one smooth field: what an
+            integrator's inner stages need when a stage point strays across a kink.
     """
 
     preactivations: Callable
@@ -245,7 +248,7 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
             hidden = activation(z)
         return tuple(out)
 
-    def gated_apply(params, x, gates, offsets=None):
+    def gated_apply(params, x, gates, offsets=None, branch=False):
         hidden = x
         if offsets is None:
             offsets = (0.0,) * (depth - 1)
@@ -254,10 +257,12 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
             sign_rule = jnp.where(z > 0, 1.0, jnp.where(z < 0, slope, slope + relu_grad_at_zero
                                                          * (1.0 - slope)))  # fmt: skip
             derivative = jnp.where(mask, slope + alpha * (1.0 - slope), sign_rule)
-            # Value exactly activation(z); derivative in z exactly `derivative` (also in alpha).
-            hidden = activation(jax.lax.stop_gradient(z)) + (z - jax.lax.stop_gradient(z)) * (
-                derivative
-            ) + offset
+            z_value = jax.lax.stop_gradient(z)
+            value = activation(z_value)
+            if branch:
+                value = jnp.where(mask, derivative * z_value, value)
+            # Value exactly activation(z) (or the branch's); derivative in z exactly `derivative`.
+            hidden = value + (z - z_value) * derivative + offset
         return params[-1] @ hidden
 
     kind = "relu_mlp" if slope == 0.0 else f"leaky_relu_mlp[slope={slope}]"

@@ -184,6 +184,7 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
         clock, margins, margins_and_grads, geometry, options, s0, theta0,
         jnp.stack([tau1, log_t_loss0]), s_end, jnp.linspace(s0, s_end, static.saves_phase2),
         static.max_steps, direction_tol=direction_tol,
+        branch_margins_and_grads=per_example_margins(predictor, unravel, X, y, branch=True),
     )  # fmt: skip
 
     def record(s, theta, aux, saved):

@@ -26,12 +26,15 @@ class KinkGeometry(NamedTuple):
     signal: object  # (w, gates, weights (n,)) -> (n * H,) of weights_i * d m_i / d h_ik
 
 
-def per_example_margins(predictor, unravel, X, y):
-    """(w, gates or None) -> (margins (n,), per-example gradients (n, d))."""
+def per_example_margins(predictor, unravel, X, y, branch=False):
+    """(w, gates or None) -> (margins (n,), per-example gradients (n, d)); with `branch` the
+    gated units take the value of the linear piece their gate selects (see Kinks)."""
 
     def one(w, x, label, gate):
         if gate is None:
             return label * predictor.apply(unravel(w), x)
+        if branch:
+            return label * predictor.kinks.gated_apply(unravel(w), x, gate, branch=True)
         return label * predictor.kinks.gated_apply(unravel(w), x, gate)
 
     def margins_and_grads(w, gates):
