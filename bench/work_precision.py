@@ -186,7 +186,7 @@ def main():
         record("Euler / GD (tau)", soft, steps, f"step {step:.1e}")
 
     print(f"\nfewest gradient evaluations reaching each relative error (wall {time.perf_counter() - start:.0f} s)")
-    levels = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+    levels = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
     names = list(runs)
     print(f"{'error <=':>9s} " + " ".join(f"{n:>22s}" for n in names) + f" {'others/engine':>14s}")
     for level in levels:
