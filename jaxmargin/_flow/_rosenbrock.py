@@ -116,9 +116,7 @@ def _log_dtau_ds(L, s, pq):
 def log_clock_rate(clock: Clock, margins, x, y):
     """ln of d aux[0] / dx: ln dtau/ds (polar) or ln dt/dtau = -ln L (tau clock)."""
     if clock.polar:
-        m = margins(y / jnp.linalg.norm(y))
-        pq = softmax_of_scaled(clock.degree * x, m) @ m
-        return _log_dtau_ds(clock.degree, x, pq)
+        return clock_exponents(clock, margins, x, y)[0]
     # Capped: a run that starts separated has a dummy phase 1 whose 1/L may overflow.
     return jnp.minimum(-jax.nn.logsumexp(-margins(y)), 700.0)
 
