@@ -95,7 +95,6 @@ def euler(predictor, params1, X, y, s_target, step, max_steps):
     """Fixed-step Euler on the tau-flow to ln ||w|| = s_target; (gamma~ there, steps)."""
     flat1, unravel = ravel_pytree(params1)
     field = _tau_field(predictor, unravel, X, y)
-    L = predictor.degree
 
     def soft(w):
         return jm.soft_margin(predictor, unravel(w), X, y)
@@ -116,7 +115,6 @@ def euler(predictor, params1, X, y, s_target, step, max_steps):
         return (1.0 - weight) * soft(w_prev) + weight * soft(w_end), k, s1
 
     value, steps, s_end = run(flat1)
-    del L
     reached = bool(s_end >= s_target) and bool(np.isfinite(value))
     return (float(value) if reached else np.nan), int(steps)
 

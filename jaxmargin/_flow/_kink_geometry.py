@@ -33,9 +33,7 @@ def per_example_margins(predictor, unravel, X, y, branch=False):
     def one(w, x, label, gate):
         if gate is None:
             return label * predictor.apply(unravel(w), x)
-        if branch:
-            return label * predictor.kinks.gated_apply(unravel(w), x, gate, branch=True)
-        return label * predictor.kinks.gated_apply(unravel(w), x, gate)
+        return label * predictor.kinks.gated_apply(unravel(w), x, gate, branch=branch)
 
     def margins_and_grads(w, gates):
         axes = None if gates is None else 0
