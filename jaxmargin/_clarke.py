@@ -24,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 from ._margins import log_exp_loss_from_scaled, polar
 from ._predictors import Params, Predictor
 from ._validation import check_all, check_params, check_predictor
+from ._wolfe import wolfe
 
 
 def _with_kink_convention(predictor: Predictor, relu_grad_at_zero) -> Predictor:
@@ -114,64 +115,14 @@ class MinNormPoint(NamedTuple):
     converged: jax.Array
 
 
-def _affine_minimizer(gram, support):
-    """Minimise a^T K a over sum(a) = 1, a_i = 0 off the support (the KKT system, solved)."""
-    k = gram.shape[0]
-    both = support[:, None] & support[None, :]
-    system = jnp.zeros((k + 1, k + 1), gram.dtype)
-    system = system.at[:k, :k].set(jnp.where(both, gram, jnp.eye(k, dtype=gram.dtype)))
-    system = system.at[:k, k].set(support.astype(gram.dtype))
-    system = system.at[k, :k].set(support.astype(gram.dtype))
-    rhs = jnp.zeros(k + 1, gram.dtype).at[k].set(1.0)
-    return jnp.linalg.solve(system, rhs)[:k]
-
-
 @functools.partial(jax.jit, static_argnames=("max_iterations",))
 def _wolfe(vectors, tol, max_iterations):
     gram = vectors @ vectors.T
     k = gram.shape[0]
     scale = jnp.max(jnp.diag(gram))
-    floor = 1e-14
-
-    def wolfe_gap(weights):
-        inner = gram @ weights
-        return weights @ inner - jnp.min(inner), jnp.argmin(inner)
-
-    def minor_step(state):
-        weights, support, _, count = state
-        affine = _affine_minimizer(gram, support)
-        inside = jnp.all(jnp.where(support, affine > floor, True))
-        # Move from weights towards the affine minimizer until a weight hits 0, drop it.
-        blocking = support & (affine <= floor)
-        ratios = jnp.where(blocking, weights / jnp.maximum(weights - affine, 1e-300), jnp.inf)
-        step = jnp.where(inside, 1.0, jnp.clip(jnp.min(ratios), 0.0, 1.0))
-        weights = weights + step * (affine - weights)
-        support = support & (weights > floor)
-        weights = jnp.where(support, jnp.maximum(weights, 0.0), 0.0)
-        return weights / jnp.sum(weights), support, inside, count + 1
-
-    def major_step(state):
-        weights, support, iteration, _ = state
-        _, entering = wolfe_gap(weights)
-        support = support.at[entering].set(True)
-        # A minor cycle drops at least one point per step, so k + 1 steps always suffice.
-        weights, support, _, _ = jax.lax.while_loop(
-            lambda s: ~s[2] & (s[3] <= k + 1),
-            minor_step,
-            (weights, support, jnp.bool_(False), jnp.int32(0)),
-        )
-        gap, _ = wolfe_gap(weights)
-        return weights, support, iteration + 1, gap
-
-    def keep_going(state):
-        weights, _, iteration, gap = state
-        return (gap > tol * scale) & (iteration < max_iterations) & jnp.all(jnp.isfinite(weights))
-
     start = jnp.argmin(jnp.diag(gram))
-    weights = jnp.zeros(k, vectors.dtype).at[start].set(1.0)
-    gap, _ = wolfe_gap(weights)
-    state = (weights, jnp.arange(k) == start, jnp.int32(0), gap)
-    weights, _, _, gap = jax.lax.while_loop(keep_going, major_step, state)
+    weights0 = jnp.zeros(k, vectors.dtype).at[start].set(1.0)
+    weights, gap = wolfe(gram, jnp.ones(k, bool), weights0, tol, max_iterations)
     return MinNormPoint(weights @ vectors, weights, gap, gap <= tol * scale)
 
 
