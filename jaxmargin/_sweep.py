@@ -162,7 +162,7 @@ def sweep_gradient_flow(
         predictor, X, y, s_target = _prepare(predictor, params0_batch, X, y, beta_max, s_max,
                                              tau_max, True)  # fmt: skip
     _check_not_rest_point(predictor, params0_batch, batched=True)
-    static = static_from_options(predictor, options, direction_tol)
+    static = static_from_options(predictor, options, direction_tol, s_target)
 
     devices = list(jax.devices() if devices is None else devices)
     if not devices:

@@ -1,4 +1,4 @@
-"""Shared test helpers: the predictor zoo and exact kink construction."""
+"""Shared test helpers: the predictor zoo, exact kink construction, separable data."""
 
 import jax
 import numpy as np
@@ -41,3 +41,10 @@ def integer_relu_params_on_kinks(depth, width, x, rng, n_zero_per_layer=2):
         hidden = np.maximum(W @ hidden, 0.0)
     layers.append(rng.integers(-3, 4, size=width).astype(np.float64))
     return tuple(jax.numpy.asarray(layer) for layer in layers), kinks
+
+
+def linearly_separable(seed, n, d):
+    """(X, y): n Gaussian points in R^d labelled by a random hyperplane through 0."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    return X, np.sign(X @ rng.normal(size=d))

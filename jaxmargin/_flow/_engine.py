@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 from .._margins import log_norm
 from .._validation import check_all
 from . import _solution as S
+from . import _limit as lim
 from . import _rosenbrock as ros
 from ._kink_geometry import kink_geometry, per_example_margins
 from ._sliding import SlidingOptions, make_velocity
@@ -41,6 +42,9 @@ SOLVERS = {"tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8, "dopri5": diffrax.D
 # Phase 2 with the linearly implicit Rosenbrock-W integrator of _rosenbrock.py (stiff regime,
 # beta >> 1); phase 1 then runs on diffrax's Tsit5.
 ROSENBROCK = "rosenbrock"
+# The W-method hands over to the limit flow when its step falls below _STALL_STEP past
+# beta = _STALL_BETA (see _phase2_rosenbrock).
+_STALL_BETA, _STALL_STEP = 1e8, 1e-5
 _OUTCOME_CODES = {ros.REACHED_END: S.REACHED_TARGET, ros.CONVERGED: S.DIRECTION_CONVERGED,
                   ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED}  # fmt: skip
 
@@ -57,6 +61,7 @@ class _Static(NamedTuple):
     atol: float
     stop_on_direction: bool
     sliding: SlidingOptions | None
+    limit_beta: float | None
 
 
 def _record(
@@ -180,12 +185,34 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
     log_t_loss0 = jnp.where(start_separated,
                             ros.quasi_steady_log_t_loss(clock, margins_and_grads, s0, theta0),
                             log_t_loss1)  # fmt: skip
+    save_ss = jnp.linspace(s0, s_end, static.saves_phase2)
+    # Smooth predictors switch to the beta -> infinity limit flow (_limit.py) at limit_beta, or
+    # earlier, from beta = 1e8 on, where the W-method's steps stall (its linearised softmax
+    # then flips between minimum-margin examples within a step: diagonal nets at beta ~ 2e8).
+    use_limit = geometry is None and static.limit_beta is not None
+    s_switch = math.log(static.limit_beta) / degree if use_limit else math.inf
+    stall = (min(math.log(_STALL_BETA), math.log(static.limit_beta)) / degree,
+             _STALL_STEP) if use_limit else None  # fmt: skip
     out = ros.integrate(
         clock, margins, margins_and_grads, geometry, options, s0, theta0,
-        jnp.stack([tau1, log_t_loss0]), s_end, jnp.linspace(s0, s_end, static.saves_phase2),
+        jnp.stack([tau1, log_t_loss0]), jnp.minimum(s_end, s_switch), save_ss,
         static.max_steps, direction_tol=direction_tol,
         branch_margins_and_grads=per_example_margins(predictor, unravel, X, y, branch=True),
+        stall=stall,
     )  # fmt: skip
+    outcome, steps, rejected = out.outcome, out.steps, out.rejected
+    if use_limit:
+        go_on = ((out.outcome == ros.REACHED_END) | (out.outcome == ros.STALLED)) & (s_end > out.x)
+        limit_options = lim.LimitOptions(tol=static.rtol)
+        theta1, weights1 = lim.enter(margins_and_grads, degree, limit_options, out.x, out.y)
+        limit = lim.integrate(
+            margins_and_grads, degree, limit_options, out.x, theta1, weights1, out.aux[0],
+            jnp.where(go_on, s_end, out.x), save_ss,
+            jnp.maximum(static.max_steps - out.steps - out.rejected, 1), direction_tol,
+        )  # fmt: skip
+        outcome = jnp.where(go_on, limit.outcome, out.outcome)
+        steps, rejected = steps + limit.steps, rejected + limit.rejected
+        out = _merge_rows(out, limit, go_on)
 
     def record(s, theta, aux, saved):
         q = margins(theta)
@@ -197,9 +224,23 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
         return jax.tree.map(lambda leaf: jnp.where(saved, leaf, jnp.inf), row)
 
     records = jax.vmap(record)(out.xs, out.ys, out.auxs, out.saved)
-    code = jnp.select([out.outcome == k for k in _OUTCOME_CODES], list(_OUTCOME_CODES.values()),
+    code = jnp.select([outcome == k for k in _OUTCOME_CODES], list(_OUTCOME_CODES.values()),
                       S.SOLVER_FAILED)  # fmt: skip
-    return records, code, out.steps, out.rejected, s0
+    return records, code, steps, rejected, s0
+
+
+def _merge_rows(finite_beta, limit, use_limit):
+    """The saved rows of both integrations in order of s (one more row than the save grid: the
+    switch point is off the grid); the limit flow's count only where it ran."""
+    saved = jnp.concatenate([finite_beta.saved, limit.saved & use_limit])
+    xs = jnp.concatenate([finite_beta.xs, limit.xs])
+    order = jnp.argsort(jnp.where(saved, xs, jnp.inf))[: finite_beta.xs.shape[0] + 1]
+
+    def pick(a, b):
+        return jnp.concatenate([a, b])[order]
+
+    return finite_beta._replace(xs=xs[order], ys=pick(finite_beta.ys, limit.ys),
+                                auxs=pick(finite_beta.auxs, limit.auxs), saved=saved[order])
 
 
 def _concatenate(first, second):
@@ -341,6 +382,7 @@ def gradient_flow(
     rtol: float = 1e-8,
     atol: float = 1e-10,
     sliding: SlidingOptions | None = SlidingOptions(),
+    limit_beta: float | None = 1e10,
 ) -> S.FlowSolution:
     """Integrate dw/dtau in -d ln sum_i exp(-m_i(w)) from params0, through t0, to a target.
 
@@ -362,6 +404,12 @@ def gradient_flow(
             tolerance).
         sliding: how ReLU kinks are handled (a SlidingOptions, see _sliding.py: the Filippov
             equivalent control on sliding kinks), or None for the plain autodiff element.
+        limit_beta: solver="rosenbrock" on a predictor without kinks (linear, deep linear,
+            diagonal): from beta = limit_beta on, phase 2 follows the beta -> infinity limit
+            flow (_limit.py: the min-norm point of the minimum-margin examples' gradients, an
+            active-set flow; O(1/beta) from the flow at finite beta, no upper limit on beta),
+            or from beta = 1e8 on if the W-method's steps stall there. None: the W-method all
+            the way. ReLU-type predictors stay on the W-method.
 
     Returns:
         A FlowSolution trimmed to its valid rows; `status` says how the run ended.
@@ -369,7 +417,7 @@ def gradient_flow(
     predictor, X, y, s_target = _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, False)
     _check_not_rest_point(predictor, params0, batched=False)
     static = _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol,
-                     sliding)  # fmt: skip
+                     sliding, limit_beta, s_target)  # fmt: skip
     params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
     out = _solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
     keep = np.asarray(out.valid)
@@ -387,19 +435,20 @@ def gradient_flow_batch(predictor, params0, X, y, **options) -> S.FlowSolution:
     predictor, X, y, s_target = _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, True)
     _check_not_rest_point(predictor, params0, batched=True)
     direction_tol = options.pop("direction_tol", None)
-    static = static_from_options(predictor, options, direction_tol)
+    static = static_from_options(predictor, options, direction_tol, s_target)
     params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
     solve = jax.vmap(_solve, in_axes=(None, 0, None, None, None, None, None))
     return solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
 
 
-def static_from_options(predictor, options: dict, direction_tol) -> _Static:
+def static_from_options(predictor, options: dict, direction_tol, s_target) -> _Static:
     """The static config from gradient_flow_batch-style keyword options (consumed); the same
     defaults as gradient_flow. Unknown options raise a TypeError."""
     static = _static(
         predictor, options.pop("num_saves", 200), options.pop("max_steps", 100_000),
         options.pop("solver", "tsit5"), options.pop("rtol", 1e-8), options.pop("atol", 1e-10),
-        direction_tol, options.pop("sliding", SlidingOptions()),
+        direction_tol, options.pop("sliding", SlidingOptions()), options.pop("limit_beta", 1e10),
+        s_target,
     )  # fmt: skip
     if options:
         raise TypeError(f"unknown options {sorted(options)}")
@@ -410,7 +459,8 @@ def _tol(direction_tol):
     return jnp.asarray(0.0 if direction_tol is None else direction_tol, jnp.float64)
 
 
-def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, sliding):
+def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, sliding,
+            limit_beta, s_target):
     if solver not in SOLVERS and solver != ROSENBROCK:
         raise ValueError(
             f"solver must be one of {sorted(SOLVERS) + [ROSENBROCK]}, got {solver!r}")
@@ -418,6 +468,18 @@ def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, 
         raise ValueError(f"num_saves must be at least 8, got {num_saves}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
+    if limit_beta is not None and not (1e6 <= limit_beta < math.inf):
+        # Below ~1e6 the O(1/beta) error of the limit flow is no longer negligible (and its
+        # quasi-steady clock ln(t L) assumes d(-ln L)/ds >> 1).
+        raise ValueError(f"limit_beta must be None or a finite number >= 1e6, got {limit_beta}")
+    if solver != ROSENBROCK or predictor.kinks is not None or (
+            limit_beta is not None
+            and predictor.degree * s_target <= math.log(min(limit_beta, _STALL_BETA))):
+        # No limit flow for this solver or model, or the target is below any switch: leave it
+        # out of the compiled program (and out of the static key, so runs to other targets
+        # share one compilation).
+        limit_beta = None
     phase1 = max(num_saves // 4, 2)
     return _Static(predictor, phase1, num_saves - phase1, int(max_steps), solver, float(rtol),
-                   float(atol), direction_tol is not None, sliding)  # fmt: skip
+                   float(atol), direction_tol is not None, sliding,
+                   None if limit_beta is None else float(limit_beta))  # fmt: skip

@@ -376,6 +376,7 @@ EVENT = 1
 OUT_OF_STEPS = 2
 FAILED = 3
 CONVERGED = 4
+STALLED = 5
 
 
 class Integration(NamedTuple):
@@ -418,9 +419,11 @@ def _store(carry: _Carry, x, y, aux, index):
 
 def integrate(clock: Clock, margins, margins_and_grads, geometry, options: RosenbrockOptions, x0, y0,
               aux0, x_end, save_xs, max_steps, event=None, direction_tol=0.0,
-              branch_margins_and_grads=None) -> Integration:
+              branch_margins_and_grads=None, stall=None) -> Integration:
     """Integrate from (x0, y0, aux0) to x_end, saving at save_xs (increasing); stop early on
-    event(y) crossing 0 upwards (landed within `landing`), or ||dy/dx|| < direction_tol.
+    event(y) crossing 0 upwards (landed within `landing`), or ||dy/dx|| < direction_tol, or,
+    with stall = (x_from, h_min), when the step falls below h_min past x_from (STALLED: the
+    caller continues on the limit flow).
     `branch_margins_and_grads`: margins_and_grads whose gated units take the value of their
     gate's linear piece (per_example_margins(..., branch=True)), for the step's stages."""
     stage_fields = margins_and_grads if branch_margins_and_grads is None else (
@@ -552,10 +555,11 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
 
         converged = (direction_tol > 0) & (jnp.linalg.norm(F1.dy) < direction_tol)
         collapsed = h_next < 1e-14 * (1.0 + jnp.abs(c.x))
+        stalled = jnp.asarray(False) if stall is None else (c.x >= stall[0]) & (h_next < stall[1])
         outcome = jnp.select(
-            [accept & (x_new >= x_end), accept & hit, converged, ~finite & collapsed, collapsed,
-             new.steps + new.rejected >= max_steps],
-            [REACHED_END, EVENT, CONVERGED, FAILED, FAILED, OUT_OF_STEPS],
+            [accept & (x_new >= x_end), accept & hit, converged, stalled, ~finite & collapsed,
+             collapsed, new.steps + new.rejected >= max_steps],
+            [REACHED_END, EVENT, CONVERGED, STALLED, FAILED, FAILED, OUT_OF_STEPS],
             -1,
         )
         new = new._replace(outcome=outcome)
