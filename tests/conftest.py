@@ -25,3 +25,13 @@ def reference_data():
     X = jax.random.normal(data_key, (50, 5), dtype=jax.numpy.float64)
     y = jax.numpy.sign(X.sum(axis=1))
     return X, y
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every XLA:CPU executable keeps its
+    own memory mappings; the whole suite once held so many that a compilation late in the run
+    crashed with a segmentation fault (the kernel's limit vm.max_map_count = 65530). The
+    programs are per module, so nothing is recompiled."""
+    yield
+    jax.clear_caches()

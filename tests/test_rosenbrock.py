@@ -13,6 +13,8 @@ from jaxmargin._checks import theorem5_max_decrease
 from jaxmargin._flow import _rosenbrock as ros
 from jaxmargin._flow import _solution as codes
 
+from helpers import linearly_separable
+
 
 def test_woodbury_solve_matches_dense(rng):
     d, n, h = 30, 7, 0.01
@@ -80,6 +82,7 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
+@pytest.mark.slow  # tests/test_limit.py takes the same run on to beta = 1e300, in make test
 def test_linear_soudry_reaches_the_svm_direction_at_beta_1e12():
     X, y = jm.soudry_dataset(0)
     solution = jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e12,
@@ -92,7 +95,7 @@ def test_linear_soudry_reaches_the_svm_direction_at_beta_1e12():
     assert np.all(np.isfinite(np.asarray(solution.log_t)))
 
 
-@pytest.mark.parametrize("dim", [10, 50])
+@pytest.mark.parametrize("dim", [10, pytest.param(50, marks=pytest.mark.slow)])
 def test_linear_random_data_reaches_the_svm_direction(dim, rng):
     n = 2 * dim
     X = rng.normal(size=(n, dim))
@@ -122,13 +125,12 @@ def test_deep_linear_depth2_reaches_the_svm_direction(rng):
     assert theorem5_max_decrease(solution) <= 1e-9
 
 
+@pytest.mark.slow  # tests/test_limit.py goes on to beta = 1e30 on the same data, in make test
 def test_deep_linear_depth3_reaches_the_svm_direction():
-    # The data of bench/asymptotic.py; past ~1e11 the steps collapse and the output degrades
-    # (1.1e-6 at 5e11, with gamma~ decreasing by 8e-6: that bench), so the test stops at 1e10,
+    # The data of bench/asymptotic.py. Before the limit flow, the W-method's steps collapsed
+    # past ~1e11 (1.1e-6 at 5e11, with gamma~ decreasing by 8e-6), so this test stops at 1e10,
     # where the distance is 1.1e-9 (printed with -s).
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(40, 10))
-    y = np.sign(X @ rng.normal(size=10))
+    X, y = linearly_separable(0, 40, 10)
     predictor = jm.deep_linear(3, 5)
     params0 = predictor.init(jax.random.key(1), 10)
     solution = jm.gradient_flow(predictor, params0, jnp.asarray(X), jnp.asarray(y), beta_max=1e10,
@@ -231,11 +233,13 @@ def _relu_phase2_both_solvers():
     return implicit, explicit
 
 
+@pytest.mark.slow  # 22 s; moved out of `make test` to keep it under 10 minutes
 def test_relu_phase2_soft_margin_never_decreases():
     implicit, _ = _relu_phase2_both_solvers()
     assert theorem5_max_decrease(implicit) <= 1e-8
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known (issue 5): on this problem the W-method's soft "
                    "margin at s0 + 0.5 is 0.0338593 against the explicit engine's 0.0338567, "
                    "7.7e-5 relative; the kink handling of the W-method is not yet this accurate")
