@@ -29,9 +29,11 @@ def reference_data():
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop JAX's compiled programs after each test module. Every XLA:CPU executable keeps its
-    own memory mappings; the whole suite once held so many that a compilation late in the run
-    crashed with a segmentation fault (the kernel's limit vm.max_map_count = 65530). The
-    programs are per module, so nothing is recompiled."""
+    """Drop JAX's compiled programs after each test module. Without this the full suite crashed
+    twice in a row with a segmentation fault inside XLA's compiler, late in the run (each module
+    alone passed). Every XLA:CPU executable keeps memory mappings of its own (35k in the process
+    at the busiest point of a run with this fixture, measured), and the kernel's limit is
+    vm.max_map_count = 65530: the likely cause. The programs are per module: little is
+    recompiled."""
     yield
     jax.clear_caches()
