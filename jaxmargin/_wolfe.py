@@ -14,20 +14,28 @@ import jax.numpy as jnp
 WEIGHT_FLOOR = 1e-14
 
 
-def affine_minimizer(gram, support, ridge=0.0):
-    """Minimise a^T K a over sum(a) = 1, a_i = 0 off the support (the KKT system, solved).
+def bordered_solve(gram, support, top, bottom, ridge=0.0):
+    """Solve [[K, 1], [1^T, 0]] [a; mu] = [top; bottom] on the support (a_i = 0 off it): the
+    KKT system of a quadratic in a with sum(a) fixed. Returns a.
 
-    `ridge` (relative to the largest diagonal entry) keeps the system regular when the
-    supported points are affinely dependent; 0 reproduces Wolfe's exact affine minimizer."""
+    `ridge` (relative to the largest diagonal entry on the support) keeps the system regular
+    when the supported points are affinely dependent; 0 solves it exactly."""
     k = gram.shape[0]
     both = support[:, None] & support[None, :]
-    regular = gram + ridge * jnp.max(jnp.diag(gram)) * jnp.eye(k, dtype=gram.dtype)
+    scale = jnp.max(jnp.where(support, jnp.diag(gram), 0.0))
+    regular = gram + ridge * scale * jnp.eye(k, dtype=gram.dtype)
+    border = support.astype(gram.dtype)
     system = jnp.zeros((k + 1, k + 1), gram.dtype)
     system = system.at[:k, :k].set(jnp.where(both, regular, jnp.eye(k, dtype=gram.dtype)))
-    system = system.at[:k, k].set(support.astype(gram.dtype))
-    system = system.at[k, :k].set(support.astype(gram.dtype))
-    rhs = jnp.zeros(k + 1, gram.dtype).at[k].set(1.0)
+    system = system.at[:k, k].set(border)
+    system = system.at[k, :k].set(border)
+    rhs = jnp.concatenate([jnp.where(support, top, 0.0), jnp.full((1,), bottom, gram.dtype)])
     return jnp.linalg.solve(system, rhs)[:k]
+
+
+def affine_minimizer(gram, support, ridge=0.0):
+    """Minimise a^T K a over sum(a) = 1, a_i = 0 off the support."""
+    return bordered_solve(gram, support, jnp.zeros(gram.shape[0], gram.dtype), 1.0, ridge)
 
 
 def wolfe(gram, allowed, weights0, tol, max_iterations):

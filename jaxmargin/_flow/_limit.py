@@ -37,7 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .._wolfe import WEIGHT_FLOOR, affine_minimizer, wolfe
+from .._wolfe import WEIGHT_FLOOR, affine_minimizer, bordered_solve, wolfe
 from . import _rosenbrock as ros
 
 # Dormand & Prince (1980), 5(4): stage coefficients, 5th-order weights, 4th-order weights.
@@ -84,8 +84,6 @@ class LimitOptions(NamedTuple):
 class _LimitField(NamedTuple):
     dtheta: jax.Array  # dtheta/ds (tangent at the unit direction)
     margins: jax.Array  # q (n,)
-    tangents: jax.Array  # P grad q_i (n, d)
-    gram: jax.Array  # tangents tangents^T
     weights: jax.Array  # lambda (n,)
     q_min: jax.Array  # lambda . q, the common margin of E
 
@@ -109,15 +107,18 @@ def evaluate(margins_and_grads, degree, theta, active) -> _LimitField:
     _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta)
     weights = affine_minimizer(gram, active, ridge=_RIDGE)
     dtheta, q_min = _velocity(degree, q, tangents, weights)
-    return _LimitField(dtheta, q, tangents, gram, weights, q_min)
+    return _LimitField(dtheta, q, weights, q_min)
 
 
-def choose_active_set(margins_and_grads, degree, options: LimitOptions, theta, allowed, weights0):
-    """Wolfe's min-norm point over the allowed examples, warm-started: the field at theta."""
+def choose_active_set(margins_and_grads, degree, options: LimitOptions, theta, allowed_of,
+                      weights0):
+    """Wolfe's min-norm point over the examples allowed_of(q) allows, warm-started from weights0
+    (restricted to them): the field at theta."""
     _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta)
-    weights, _ = wolfe(gram, allowed, weights0, options.wolfe_tol, options.wolfe_iterations)
+    weights, _ = wolfe(gram, allowed_of(q), weights0, options.wolfe_tol,
+                       options.wolfe_iterations)  # fmt: skip
     dtheta, q_min = _velocity(degree, q, tangents, weights)
-    return _LimitField(dtheta, q, tangents, gram, weights, q_min)
+    return _LimitField(dtheta, q, weights, q_min)
 
 
 def equalize(margins_and_grads, theta, active, sweeps=2):
@@ -125,19 +126,10 @@ def equalize(margins_and_grads, theta, active, sweeps=2):
     tangent gradients, the common level free (Newton sweeps on q_i + <P grad q_i, delta> = c,
     sum of the coefficients 0: the optimality condition for c). The level is not prescribed
     because near a KKT point no move raises all the margins of E together."""
-    k = active.shape[0]
     for _ in range(sweeps):
         unit, q, tangents, gram = _tangent_gradients(margins_and_grads, theta)
-        both = active[:, None] & active[None, :]
-        scale = jnp.max(jnp.where(active, jnp.diag(gram), 0.0))
-        system = jnp.zeros((k + 1, k + 1), gram.dtype)
-        system = system.at[:k, :k].set(
-            jnp.where(both, gram + _RIDGE * scale * jnp.eye(k, dtype=gram.dtype),
-                      jnp.eye(k, dtype=gram.dtype)))  # fmt: skip
-        system = system.at[:k, k].set(-active.astype(gram.dtype))
-        system = system.at[k, :k].set(active.astype(gram.dtype))
-        rhs = jnp.concatenate([jnp.where(active, -q, 0.0), jnp.zeros(1, gram.dtype)])
-        coefficients = jnp.linalg.solve(system, rhs)[:k]
+        # G a + mu 1 = -q on E, sum(a) = 0: the common level is c = -mu.
+        coefficients = bordered_solve(gram, active, -q, 0.0, ridge=_RIDGE)
         theta = unit + coefficients @ tangents
     return theta / jnp.linalg.norm(theta)
 
@@ -165,11 +157,14 @@ def enter(margins_and_grads, degree, options: LimitOptions, s, theta):
     (a move of O(1/beta): the margins of E differ by ln(p_i / p_j) / beta at finite beta).
     Returns (theta, weights)."""
     unit = theta / jnp.linalg.norm(theta)
+
+    def allowed_of(q):
+        return (q - jnp.min(q)) * jnp.exp(degree * s) < _SWITCH_GAP
+
+    # Wolfe starts from the example of smallest margin (always allowed).
     q, _ = margins_and_grads(unit, None)
-    allowed = (q - jnp.min(q)) * jnp.exp(degree * s) < _SWITCH_GAP
-    start = jnp.argmin(jnp.where(allowed, q, jnp.inf))
-    weights0 = jnp.zeros_like(q).at[start].set(1.0)
-    field = choose_active_set(margins_and_grads, degree, options, unit, allowed, weights0)
+    weights0 = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
+    field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0)
     return equalize(margins_and_grads, unit, field.weights > WEIGHT_FLOOR), field.weights
 
 
@@ -182,11 +177,11 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
     S = save_xs.shape[0]
 
     def start_field(theta, weights):
-        unit = theta / jnp.linalg.norm(theta)
-        q, _ = margins_and_grads(unit, None)
-        near = (q - jnp.min(q)) <= options.touching * jnp.abs(jnp.min(q))
-        allowed = near | (weights > 0)
-        return choose_active_set(margins_and_grads, degree, options, unit, allowed, weights)
+        def allowed_of(q):
+            near = (q - jnp.min(q)) <= options.touching * jnp.abs(jnp.min(q))
+            return near | (weights > 0)
+
+        return choose_active_set(margins_and_grads, degree, options, theta, allowed_of, weights)
 
     def aux_at(s, tau, field):
         return jnp.stack([tau, quasi_steady_log_t_loss(degree, s, field.q_min, field.dtheta)])
