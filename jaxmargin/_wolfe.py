@@ -14,9 +14,10 @@ import jax.numpy as jnp
 WEIGHT_FLOOR = 1e-14
 
 
-def bordered_solve(gram, support, top, bottom, ridge=0.0):
-    """Solve [[K, 1], [1^T, 0]] [a; mu] = [top; bottom] on the support (a_i = 0 off it): the
-    KKT system of a quadratic in a with sum(a) fixed. Returns a.
+def bordered_solve(gram, support, top, bottom, ridge=0.0, border=None):
+    """Solve [[K, b], [b^T, 0]] [a; mu] = [top; bottom] on the support (a_i = 0 off it), b the
+    indicator of `border` (default: the support): the KKT system of a quadratic in a with the
+    sum of a over the border fixed. Returns a.
 
     `ridge` (relative to the largest diagonal entry on the support) keeps the system regular
     when the supported points are affinely dependent; 0 solves it exactly."""
@@ -24,7 +25,7 @@ def bordered_solve(gram, support, top, bottom, ridge=0.0):
     both = support[:, None] & support[None, :]
     scale = jnp.max(jnp.where(support, jnp.diag(gram), 0.0))
     regular = gram + ridge * scale * jnp.eye(k, dtype=gram.dtype)
-    border = support.astype(gram.dtype)
+    border = (support if border is None else support & border).astype(gram.dtype)
     system = jnp.zeros((k + 1, k + 1), gram.dtype)
     system = system.at[:k, :k].set(jnp.where(both, regular, jnp.eye(k, dtype=gram.dtype)))
     system = system.at[:k, k].set(border)

@@ -253,6 +253,60 @@ def w_solver(V, h):
 # --------------------------------------------------------------------------- kinks
 
 
+def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, weights_of, slots,
+                 on_slot, on_kink):
+    """The Clarke element of the velocity sum_i p_i grad m_i on the pairs in `slots` that sit on
+    their kinks (on_slot), p = weights_of(margins): (rows, alpha, holds) with rows the kinks'
+    gradients a_k, alpha the kink derivatives and holds the pairs held on z = 0 (sliding, or
+    attracted from both sides). Shared by the W-method (p = softmax(-beta q)) and the
+    beta -> infinity limit flow (p = lambda, its min-norm weights)."""
+    rows = jnp.where(on_slot[:, None], geometry.rows(y_unit, slots), 0.0)
+    gates0 = geometry.gates(on_kink, jnp.zeros(on_kink.shape[0], y_unit.dtype))
+    m, G = margins_and_grads(y_unit, gates0)
+    p = weights_of(m)
+    # Setting the pair's derivative to alpha in [0, 1] adds alpha * c_k * a_k to g.
+    c = (1.0 - geometry.slope) * geometry.signal(y_unit, gates0, p)[slots]
+    g0 = G.T @ p
+    # A pair can hold itself on its kink only if its Clarke interval moves its own rate
+    # (by c_k ||a_k||^2) by more than rounding of the rates (~||g|| ||a_k||): c_k ~ p_i,
+    # which vanishes for the examples that drop out of the soft-min as beta grows, and
+    # alpha = b / c is then noise. Such pairs cross: the side test below gates them. (A
+    # guard; on the reference problem it changed no measured step count.)
+    norms = jnp.linalg.norm(rows, axis=1)
+    holds = on_slot & (jnp.abs(c) * norms > 1e-8 * jnp.linalg.norm(g0))
+    c = jnp.where(holds, c, 0.0)
+    b = box_qp(rows @ rows.T, rows @ g0, jnp.minimum(c, 0.0), jnp.maximum(c, 0.0), holds,
+               options.qp_iterations)  # fmt: skip
+    alpha = jnp.clip(jnp.where(c != 0, b / jnp.where(c != 0, c, 1.0), 0.0), 0.0, 1.0)
+    slides = holds & (alpha > 1e-9) & (alpha < 1.0 - 1e-9)
+    # Filippov's side test for the other pairs on a kink. The min-norm element is the
+    # velocity only for a pair it makes slide; one at a bound must leave its kink to the
+    # side whose derivative it uses (with c > 0 the QP picks the other side for a crossing
+    # pair), and a pair with no hold crosses to the side its rate points to. z_k' is
+    # linear in alpha_k: <P (g0 + R^T b), a_k> + (alpha_k - alpha) c_k <P a_k, a_k>.
+    # (Rates are instantaneous: the stiff relaxation of p within a step is not in them;
+    # see issue 5's note for the pair that this still lets chatter at beta ~ 1e6.)
+    project = tangent_projector(rows, slides)
+    rate = rows @ project(g0 + rows.T @ b)
+    reach = c * jnp.sum(rows * jax.vmap(project)(rows), axis=1)
+    rate_below = rate - alpha * reach  # z_k' with the z < 0 derivative (alpha_k = 0)
+    rate_above = rate + (1.0 - alpha) * reach  # with the z > 0 one (alpha_k = 1)
+    leaves = on_slot & ~slides
+    attracted = leaves & (rate_below > 0) & (rate_above < 0)
+    alpha = jnp.where(leaves & (rate_below >= 0) & (rate_above >= 0), 1.0, alpha)
+    alpha = jnp.where(leaves & (rate_below <= 0) & (rate_above <= 0), 0.0, alpha)
+    return rows, alpha, slides | attracted
+
+
+def frozen_gates(geometry: KinkGeometry, z, slots, on_slot, alpha):
+    """Gates freezing the activation pattern of pre-activations z: the pairs in `slots` on their
+    kinks (on_slot) at derivative alpha, the others at the side they are on."""
+    P = geometry.num_pairs
+    written = jnp.where(on_slot, slots, P)  # padding slots are dropped, not written to pair 0
+    pattern = jnp.where(z > 0, 1.0, 0.0).astype(alpha.dtype)
+    return geometry.gates(jnp.ones(P, bool), pattern.at[written].set(alpha, mode="drop"))
+
+
 class _KinkStep(NamedTuple):
     gates: object
     projector: object
@@ -277,42 +331,11 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     y_unit = y / jnp.linalg.norm(y) if clock.polar else y
 
     def clarke_element(_):
-        rows = jnp.where(on_slot[:, None], geometry.rows(y_unit, slots), 0.0)
-        gates0 = geometry.gates(on_kink, jnp.zeros(P, y.dtype))
-        m, G = margins_and_grads(y_unit, gates0)
-        p = softmax_of_scaled(clock.degree * x, m) if clock.polar else jax.nn.softmax(-m)
-        # Setting the pair's derivative to alpha in [0, 1] adds alpha * c_k * a_k to g.
-        c = (1.0 - geometry.slope) * geometry.signal(y_unit, gates0, p)[slots]
-        g0 = G.T @ p
-        # A pair can hold itself on its kink only if its Clarke interval moves its own rate
-        # (by c_k ||a_k||^2) by more than rounding of the rates (~||g|| ||a_k||): c_k ~ p_i,
-        # which vanishes for the examples that drop out of the soft-min as beta grows, and
-        # alpha = b / c is then noise. Such pairs cross: the side test below gates them. (A
-        # guard; on the reference problem it changed no measured step count.)
-        norms = jnp.linalg.norm(rows, axis=1)
-        holds = on_slot & (jnp.abs(c) * norms > 1e-8 * jnp.linalg.norm(g0))
-        c = jnp.where(holds, c, 0.0)
-        b = box_qp(rows @ rows.T, rows @ g0, jnp.minimum(c, 0.0), jnp.maximum(c, 0.0), holds,
-                   options.qp_iterations)  # fmt: skip
-        alpha = jnp.clip(jnp.where(c != 0, b / jnp.where(c != 0, c, 1.0), 0.0), 0.0, 1.0)
-        slides = holds & (alpha > 1e-9) & (alpha < 1.0 - 1e-9)
-        # Filippov's side test for the other pairs on a kink. The min-norm element is the
-        # velocity only for a pair it makes slide; one at a bound must leave its kink to the
-        # side whose derivative it uses (with c > 0 the QP picks the other side for a crossing
-        # pair), and a pair with no hold crosses to the side its rate points to. z_k' is
-        # linear in alpha_k: <P (g0 + R^T b), a_k> + (alpha_k - alpha) c_k <P a_k, a_k>.
-        # (Rates are instantaneous: the stiff relaxation of p within a step is not in them;
-        # see issue 5's note for the pair that this still lets chatter at beta ~ 1e6.)
-        project = tangent_projector(rows, slides)
-        rate = rows @ project(g0 + rows.T @ b)
-        reach = c * jnp.sum(rows * jax.vmap(project)(rows), axis=1)
-        rate_below = rate - alpha * reach  # z_k' with the z < 0 derivative (alpha_k = 0)
-        rate_above = rate + (1.0 - alpha) * reach  # with the z > 0 one (alpha_k = 1)
-        leaves = on_slot & ~slides
-        attracted = leaves & (rate_below > 0) & (rate_above < 0)
-        alpha = jnp.where(leaves & (rate_below >= 0) & (rate_above >= 0), 1.0, alpha)
-        alpha = jnp.where(leaves & (rate_below <= 0) & (rate_above <= 0), 0.0, alpha)
-        return rows, alpha, slides | attracted
+        def weights_of(m):
+            return softmax_of_scaled(clock.degree * x, m) if clock.polar else jax.nn.softmax(-m)
+
+        return clarke_pairs(geometry, margins_and_grads, options, y_unit, weights_of, slots,
+                            on_slot, on_kink)
 
     def nothing_on_kinks(_):
         return (jnp.zeros((k, y.shape[0]), y.dtype), jnp.zeros(k, y.dtype),
@@ -327,9 +350,7 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     # z-rate of +4e-4 at stage 1 and -0.165 at stage 2, from 4-6 pairs flipped only at the
     # stage point), the step's end fell back across the kink it had just landed on, and that
     # repeated ~400 times in 0.02 of s. Crossings at the step's end are still landed on.
-    written = jnp.where(on_slot, slots, P)  # padding slots are dropped, not written to pair 0
-    pattern = jnp.where(z > 0, 1.0, 0.0).astype(y.dtype)
-    gates = geometry.gates(jnp.ones(P, bool), pattern.at[written].set(alpha, mode="drop"))
+    gates = frozen_gates(geometry, z, slots, on_slot, alpha)
     sliding = jnp.zeros(P, bool).at[slots].max(slides)
     projector = tangent_projector(rows, slides)
     return _KinkStep(gates, projector, sliding, on_kink, jnp.sum(slides).astype(jnp.int32))
