@@ -22,8 +22,19 @@ Against the flow at finite beta its error in theta is O(1/beta).
 Clocks: tau by quadrature of dtau/ds = rho^(2-L) / (L q_min); ln(t L) at its quasi-steady value
 (the ln(t L) equation relaxes at rate ~beta, so its deviation from that value is O(1/beta)).
 
-Smooth predictors only: with ReLU kinks the min-norm problem would also range over the Clarke
-sets of the sliding units (not implemented; those runs stay on the W-method).
+ReLU kinks (NOTES §4): the min-norm problem then also ranges over the Clarke sets of the pairs
+(example i, unit k) on a kink z_ik = 0: min ||P (sum_i lambda_i b_i + sum_ik mu_ik c_ik a_ik)||
+over lambda in the simplex and mu_ik in [0, lambda_i] (a_ik = grad z_ik; b_i, c_ik as in
+_kink_geometry.py). A pair whose mu_ik is interior slides: the velocity is orthogonal to a_ik
+(dz_ik/ds = 0). With the sliding set S fixed, that is the smooth problem with every tangent
+gradient projected off span{a_ik : S} (the velocity then does not depend on the sliding alphas,
+for any depth: the alphas move the gradients only within that span). S and lambda are chosen at
+the start of each step by alternating Wolfe (lambda, alphas fixed) with the W-method's box QP
+and side test (alphas, lambda fixed: _rosenbrock.clarke_pairs with p := lambda); during the step
+the activation pattern is frozen (branch margins), pairs of the examples in E that reach their
+kink are landed on like events, and the step ends with a Newton projection onto equal margins on
+E and z = 0 on S. A sliding pair whose alpha leaves [0, 1] within a step leaves at the next
+step's start (not located as an event).
 
 Integrator: Dormand-Prince 5(4) with E fixed during a step (lambda from the KKT system on E at
 each stage, Wolfe's algorithm at the start of each step, warm-started), then a min-norm Newton
@@ -39,6 +50,7 @@ import jax.numpy as jnp
 
 from .._wolfe import WEIGHT_FLOOR, affine_minimizer, bordered_solve, wolfe
 from . import _rosenbrock as ros
+from ._kink_geometry import KinkGeometry
 
 # Dormand & Prince (1980), 5(4): stage coefficients, 5th-order weights, 4th-order weights.
 _A = (
@@ -57,6 +69,10 @@ _B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 
 _RIDGE = 1e-13
 # At the switch from finite beta: examples with p_i / p_max > exp(-_SWITCH_GAP) may be on the min.
 _SWITCH_GAP = 40.0
+# A kink's rate below this (relative to ||a_k|| ||dtheta/ds||) has no side.
+_RATE_FLOOR = 1e-9
+# Rounds of the alternation (Wolfe for lambda, box QP for the kinks' alphas) at a step's start.
+_KINK_ROUNDS = 3
 
 
 class LimitOptions(NamedTuple):
@@ -70,6 +86,11 @@ class LimitOptions(NamedTuple):
         first_step: the first step size tried.
         wolfe_tol: Wolfe's stopping gap, relative to max ||P grad q_i||^2.
         wolfe_iterations: cap on Wolfe's major iterations per step.
+        candidates: ReLU kinks: pairs examined per step (those on their kinks).
+        on_kink: |z| relative to the largest |z| of the same unit over all examples, below
+            which a pair counts as on its kink.
+        kink_landing: how far past a kink (relative to mean |z|) a step may end.
+        qp_iterations: iterations of the box QP for the kinks' Clarke element.
     """
 
     tol: float = 1e-8
@@ -79,6 +100,20 @@ class LimitOptions(NamedTuple):
     first_step: float = 1e-2
     wolfe_tol: float = 1e-15
     wolfe_iterations: int = 200
+    candidates: int = 128
+    on_kink: float = 1e-6
+    kink_landing: float = 1e-9
+    qp_iterations: int = 300
+
+
+class StepKinks(NamedTuple):
+    """The kinks' state during a step (ReLU nets): frozen gates and the pairs held on z = 0."""
+
+    gates: object  # gates of the frozen activation pattern (branch margins)
+    slots: jax.Array  # (k,) pair indices of the pairs on their kinks at the step's start
+    hold: jax.Array  # (k,) bool: held on z = 0 (sliding) during the step
+    on_kink: jax.Array  # (P,) bool: on their kinks at the step's start
+    alpha: jax.Array  # (k,) their kink derivatives (0 or 1 for those not held)
 
 
 class _LimitField(NamedTuple):
@@ -88,10 +123,20 @@ class _LimitField(NamedTuple):
     q_min: jax.Array  # lambda . q, the common margin of E
 
 
-def _tangent_gradients(margins_and_grads, theta):
+def _tangent(rows, unit):
+    return rows - jnp.outer(rows @ unit, unit)
+
+
+def _tangent_gradients(margins_and_grads, theta, geometry=None, kinks=None):
+    """(unit theta, q, tangent gradients, their Gram matrix); with kinks, under the step's gates
+    and projected off the gradients of the held pairs."""
     unit = theta / jnp.linalg.norm(theta)
-    q, G = margins_and_grads(unit, None)
-    tangents = G - jnp.outer(G @ unit, unit)
+    q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
+    tangents = _tangent(G, unit)
+    if kinks is not None:
+        project = ros.tangent_projector(_tangent(geometry.rows(unit, kinks.slots), unit),
+                                        kinks.hold)  # fmt: skip
+        tangents = jax.vmap(project)(tangents)
     return unit, q, tangents, tangents @ tangents.T
 
 
@@ -102,35 +147,112 @@ def _velocity(degree, q, tangents, weights):
     return (weights @ tangents) / (degree * q_min), q_min
 
 
-def evaluate(margins_and_grads, degree, theta, active) -> _LimitField:
+def evaluate(margins_and_grads, degree, theta, active, geometry=None, kinks=None) -> _LimitField:
     """The limit field at theta with the set E = active fixed (lambda from the KKT system)."""
-    _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta)
+    _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta, geometry, kinks)
     weights = affine_minimizer(gram, active, ridge=_RIDGE)
     dtheta, q_min = _velocity(degree, q, tangents, weights)
     return _LimitField(dtheta, q, weights, q_min)
 
 
 def choose_active_set(margins_and_grads, degree, options: LimitOptions, theta, allowed_of,
-                      weights0):
+                      weights0, geometry=None, kinks=None):
     """Wolfe's min-norm point over the examples allowed_of(q) allows, warm-started from weights0
     (restricted to them): the field at theta."""
-    _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta)
+    _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta, geometry, kinks)
     weights, _ = wolfe(gram, allowed_of(q), weights0, options.wolfe_tol,
                        options.wolfe_iterations)  # fmt: skip
     dtheta, q_min = _velocity(degree, q, tangents, weights)
     return _LimitField(dtheta, q, weights, q_min)
 
 
-def equalize(margins_and_grads, theta, active, sweeps=2):
+def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowed_of, weights0,
+                 geometry: KinkGeometry | None):
+    """(field, kinks) at the start of a step: E and lambda by Wolfe, and with ReLU kinks the
+    pairs on their kinks, their alphas and the sliding set, alternating Wolfe (alphas fixed) with
+    the box QP and side test of the W-method (lambda fixed)."""
+    if geometry is None:
+        return choose_active_set(margins_and_grads, degree, options, theta, allowed_of,
+                                 weights0), None  # fmt: skip
+    unit = theta / jnp.linalg.norm(theta)
+    P = geometry.num_pairs
+    k = min(options.candidates, P)
+    z = geometry.preactivations(unit)
+    # On its kink relative to the same unit's pre-activations on the other examples (pairs are
+    # example-major), not to all of them: the units no example of E uses decay like e^-s in
+    # theta, and by s ~ 240 (beta ~ 1e208, L = 2) a global scale counted ~100 of their pairs as
+    # on their kinks, crowding the real ones out of the `candidates` slots.
+    n = weights0.shape[0]
+    unit_scale = jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
+    on_all = jnp.abs(z) <= options.on_kink * unit_scale
+    slots = jnp.nonzero(on_all, size=k, fill_value=0)[0]
+    on_slot = jnp.arange(k) < jnp.sum(on_all)
+    on_kink = jnp.zeros(P, bool).at[slots].max(on_slot)
+    alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
+    hold = jnp.zeros(k, bool)
+    for _ in range(_KINK_ROUNDS):
+        kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold,
+                          on_kink, alpha)  # fmt: skip
+        field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
+                                  geometry, kinks)  # fmt: skip
+        weights0 = field.weights
+        _, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
+                                          lambda _, w=field.weights: w, slots, on_slot, on_kink)
+    kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold, on_kink,
+                      alpha)
+    field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
+                              geometry, kinks)  # fmt: skip
+    # The side test above takes lambda as fixed; lambda re-optimised with the chosen alphas can
+    # turn a leaving pair of an example in E back towards its kink (measured on the reference
+    # problem, L = 2: one pair then chattered, released and landed on again every step). Such a
+    # pair is held as well. Holding is always safe for the margins (every held pair only
+    # constrains the min-norm problem: the margins of E still rise at ||v||^2 / (L q_min)).
+    rows = _tangent(geometry.rows(unit, slots), unit)
+    rates = rows @ field.dtheta
+    in_e = (field.weights > WEIGHT_FLOOR)[slots // (P // field.weights.shape[0])]
+    side = jnp.where(alpha > 0.5, 1.0, -1.0)
+    tiny = _RATE_FLOOR * jnp.linalg.norm(rows, axis=1) * jnp.linalg.norm(field.dtheta)
+    wrong_way = on_slot & ~hold & in_e & (side * rates < -tiny)
+    kinks = kinks._replace(hold=hold | wrong_way)
+    field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, field.weights,
+                              geometry, kinks)  # fmt: skip
+    return field, kinks
+
+
+def _held_pairs(geometry, kinks):
+    return jnp.zeros(geometry.num_pairs, bool).at[kinks.slots].max(kinks.hold)
+
+
+def equalize(margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=None, held=None,
+             candidates=128):
     """Unit theta with the margins of `active` all equal: the smallest move in the span of their
     tangent gradients, the common level free (Newton sweeps on q_i + <P grad q_i, delta> = c,
     sum of the coefficients 0: the optimality condition for c). The level is not prescribed
-    because near a KKT point no move raises all the margins of E together."""
+    because near a KKT point no move raises all the margins of E together. With kinks, the
+    pairs in `held` (P,) are put back on z = 0 in the same solve (under the step's gates)."""
     for _ in range(sweeps):
-        unit, q, tangents, gram = _tangent_gradients(margins_and_grads, theta)
-        # G a + mu 1 = -q on E, sum(a) = 0: the common level is c = -mu.
-        coefficients = bordered_solve(gram, active, -q, 0.0, ridge=_RIDGE)
-        theta = unit + coefficients @ tangents
+        unit = theta / jnp.linalg.norm(theta)
+        q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
+        rows, support, border, top = _tangent(G, unit), active, active, -q
+        if geometry is not None:
+            # The live margins (a pair off its frozen side moves the margin off the frozen
+            # piece); the frozen pieces' gradients.
+            top = -margins_and_grads(unit, None)[0]
+            k = min(candidates, geometry.num_pairs)
+            slots = jnp.nonzero(held, size=k, fill_value=0)[0]
+            on = jnp.arange(k) < jnp.sum(held)
+            kink_rows = _tangent(geometry.rows(unit, slots), unit)
+            norms = jnp.maximum(jnp.linalg.norm(kink_rows, axis=1), 1e-300)
+            z = geometry.preactivations(unit)[slots]
+            rows = jnp.concatenate([rows, kink_rows / norms[:, None]])
+            support = jnp.concatenate([active, on])
+            border = jnp.concatenate([active, jnp.zeros(k, bool)])
+            top = jnp.concatenate([top, jnp.where(on, -z / norms, 0.0)])
+        # G a + mu 1 = -q on E (z_k + <a_k, delta> = 0 on the held pairs), sum over E of a = 0:
+        # the common level is c = -mu.
+        coefficients = bordered_solve(rows @ rows.T, support, top, 0.0, ridge=_RIDGE,
+                                      border=border)  # fmt: skip
+        theta = unit + coefficients @ rows
     return theta / jnp.linalg.norm(theta)
 
 
@@ -151,10 +273,11 @@ def quasi_steady_log_t_loss(degree, s, q_min, dtheta):
     return log_dtau_ds(degree, s, q_min) - log_rate - correction
 
 
-def enter(margins_and_grads, degree, options: LimitOptions, s, theta):
+def enter(margins_and_grads, degree, options: LimitOptions, s, theta, geometry=None):
     """From a point of the flow at finite beta = e^(L s): E and lambda by Wolfe over the examples
-    that p does not yet separate from the minimum, then the nearest point with E's margins equal
-    (a move of O(1/beta): the margins of E differ by ln(p_i / p_j) / beta at finite beta).
+    that p does not yet separate from the minimum (with kinks: and the sliding pairs), then the
+    nearest point with E's margins equal (a move of O(1/beta): the margins of E differ by
+    ln(p_i / p_j) / beta at finite beta) and the sliding pairs on their kinks.
     Returns (theta, weights)."""
     unit = theta / jnp.linalg.norm(theta)
 
@@ -164,29 +287,39 @@ def enter(margins_and_grads, degree, options: LimitOptions, s, theta):
     # Wolfe starts from the example of smallest margin (always allowed).
     q, _ = margins_and_grads(unit, None)
     weights0 = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
-    field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0)
-    return equalize(margins_and_grads, unit, field.weights > WEIGHT_FLOOR), field.weights
+    field, kinks = choose_kinks(margins_and_grads, degree, options, unit, allowed_of, weights0,
+                                geometry)  # fmt: skip
+    held = None if geometry is None else _held_pairs(geometry, kinks)
+    return equalize(margins_and_grads, unit, field.weights > WEIGHT_FLOOR, geometry=geometry,
+                    kinks=kinks, held=held, candidates=options.candidates), field.weights
 
 
 def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weights0, tau0, s_end,
-              save_xs, max_steps, direction_tol=0.0) -> ros.Integration:
+              save_xs, max_steps, direction_tol=0.0, geometry=None) -> ros.Integration:
     """The limit flow from (s0, theta0) with lambda0 = weights0 (from `enter`) to s_end, saving at
     the save_xs > s0; aux = (tau, ln(t L)) as in the W-method. Stops early when ||dtheta/ds|| <
-    direction_tol."""
+    direction_tol. With `geometry` (ReLU nets), margins_and_grads must take the branch values of
+    gated units (_kink_geometry.per_example_margins(..., branch=True))."""
     dtype = theta0.dtype
     S = save_xs.shape[0]
+    if geometry is not None:
+        pairs_per_example = geometry.num_pairs // weights0.shape[0]
 
     def start_field(theta, weights):
         def allowed_of(q):
             near = (q - jnp.min(q)) <= options.touching * jnp.abs(jnp.min(q))
             return near | (weights > 0)
 
-        return choose_active_set(margins_and_grads, degree, options, theta, allowed_of, weights)
+        return choose_kinks(margins_and_grads, degree, options, theta, allowed_of, weights,
+                            geometry)  # fmt: skip
 
     def aux_at(s, tau, field):
         return jnp.stack([tau, quasi_steady_log_t_loss(degree, s, field.q_min, field.dtheta)])
 
-    field0 = evaluate(margins_and_grads, degree, theta0, weights0 > WEIGHT_FLOOR)
+    if geometry is None:
+        field0 = evaluate(margins_and_grads, degree, theta0, weights0 > WEIGHT_FLOOR)
+    else:
+        field0, _ = start_field(theta0, weights0)
     num_initial = jnp.sum(save_xs <= s0)
     aux0 = aux_at(s0, tau0, field0)
     carry = ros._Carry(
@@ -200,7 +333,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
 
     def body(c: ros._Carry):
         # The carry's z holds lambda (the W-method keeps pre-activations there).
-        F1 = start_field(c.y, c.z)
+        F1, kinks = start_field(c.y, c.z)
         active = F1.weights > WEIGHT_FLOOR
         target = jnp.minimum(save_xs[jnp.minimum(c.index, S - 1)], s_end)
         target = jnp.where(c.index < S, target, s_end)
@@ -211,7 +344,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         def stage(i, state):
             K, _ = state
             field = evaluate(margins_and_grads, degree, c.y + h * (jnp.asarray(_A_MATRIX)[i] @ K),
-                             active)  # fmt: skip
+                             active, geometry, kinks)  # fmt: skip
             return K.at[i].set(field.dtheta), field
 
         K0 = jnp.zeros((7,) + c.y.shape, dtype).at[0].set(F1.dtheta)
@@ -219,10 +352,45 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         theta_new = c.y + h * (jnp.asarray(_B5) @ K)
         err_y = h * ((jnp.asarray(_B5) - jnp.asarray(_B4)) @ K)
         err = jnp.linalg.norm(err_y) / options.tol
-        theta_new = equalize(margins_and_grads, theta_new, active)
+
+        # ReLU kinks: a pair of an example in E that crosses its kink during the step is landed
+        # on (the step redone shorter until it ends within kink_landing past it) and put on it;
+        # the next step's start decides whether it slides or goes through. Pairs of the other
+        # examples cross freely (lambda_i = 0: they do not enter the velocity).
+        h_kink, landed_kinks, held = jnp.inf, jnp.asarray(True), None
+        if geometry is not None:
+            z0 = geometry.preactivations(c.y / jnp.linalg.norm(c.y))
+            z1 = geometry.preactivations(theta_new / jnp.linalg.norm(theta_new))
+            scale = jnp.maximum(jnp.mean(jnp.abs(z1)), 1e-300)
+            in_e = jnp.repeat(active, pairs_per_example)
+            # Off their kinks: a change of sign is a crossing. On them and not held: the pair
+            # leaves to the side of its alpha in {0, 1}; the side test is instantaneous, and one
+            # that moves the other way by more than kink_landing is landed too (then held).
+            off = in_e & ~kinks.on_kink & (z0 != 0)
+            crossed = off & (jnp.sign(z1) != jnp.sign(z0))
+            too_far = crossed & (jnp.abs(z1) > options.kink_landing * scale)
+            # A step that ends just short of a kink it heads for lands on it too (no Zeno).
+            crossed = crossed | (off & (jnp.abs(z1) <= options.kink_landing * scale)
+                                 & (jnp.abs(z1) < jnp.abs(z0)))
+            h_cross = h * (jnp.abs(z0) + 0.5 * options.kink_landing * scale) / (
+                jnp.abs(z0) + jnp.abs(z1))
+            side = jnp.zeros_like(z0).at[kinks.slots].set(jnp.where(kinks.alpha > 0.5, 1.0, -1.0))
+            leaving = in_e & kinks.on_kink & ~_held_pairs(geometry, kinks)
+            back = leaving & (side * (z1 - z0) < 0)
+            back_too_far = back & (jnp.abs(z1 - z0) > options.kink_landing * scale)
+            h_back = h * 0.5 * options.kink_landing * scale / jnp.maximum(jnp.abs(z1 - z0),
+                                                                            1e-300)
+            h_kink = jnp.minimum(jnp.min(jnp.where(too_far, h_cross, jnp.inf)),
+                                 jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
+            crossed = crossed | back
+            too_far = too_far | back_too_far
+            landed_kinks = ~jnp.any(too_far)
+            held = _held_pairs(geometry, kinks) | crossed
+        theta_new = equalize(margins_and_grads, theta_new, active, geometry=geometry, kinks=kinks,
+                             held=held, candidates=options.candidates)  # fmt: skip
         # The field at the step's end with the step's E, for the clocks (the next step's Wolfe
         # call may change E, not the common margin).
-        end = evaluate(margins_and_grads, degree, theta_new, active)
+        end = evaluate(margins_and_grads, degree, theta_new, active, geometry, kinks)
         finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(theta_new)) & jnp.isfinite(end.q_min)
         err = jnp.where(finite, err, jnp.inf)
 
@@ -231,15 +399,18 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         # `landing` / `leaving` past the event; the next step's Wolfe call sorts E out.
         scale = jnp.abs(last.q_min)
         gap0 = F1.margins - F1.q_min
-        gap1 = last.margins - last.q_min
+        if geometry is None:
+            gap1 = last.margins - last.q_min
+        else:  # the margins off E with the live activation pattern (their pairs may have crossed)
+            gap1 = margins_and_grads(theta_new, None)[0] - end.q_min
         crossed = ~active & (gap1 < -options.landing * scale) & (gap0 > gap1)
         h_join = jnp.min(jnp.where(
             crossed, h * (gap0 + 0.5 * options.landing * scale) / (gap0 - gap1), jnp.inf))
         left = active & (last.weights < -options.leaving)
         h_leave = jnp.min(jnp.where(
             left, h * (F1.weights + 0.5 * options.leaving) / (F1.weights - last.weights), jnp.inf))
-        h_land = jnp.minimum(h_join, h_leave)
-        landed = ~jnp.any(crossed) & ~jnp.any(left)
+        h_land = jnp.minimum(jnp.minimum(h_join, h_leave), h_kink)
+        landed = ~jnp.any(crossed) & ~jnp.any(left) & landed_kinks
 
         tau_new = c.aux[0] + ros.exp_trapezoid(
             h, log_dtau_ds(degree, c.x, F1.q_min), log_dtau_ds(degree, c.x + h, end.q_min))
@@ -251,11 +422,12 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** -0.2, 0.2, 5.0)
         h_next = jnp.where(accept, jnp.where(clipped, jnp.maximum(c.h, h * factor), h * factor),
                            jnp.minimum(h * jnp.minimum(factor, 1.0), h_land))  # fmt: skip
+        num_held = jnp.sum(active) if geometry is None else jnp.sum(kinks.hold)
         new = c._replace(
             x=jnp.where(accept, x_new, c.x), y=jnp.where(accept, theta_new, c.y),
             aux=jnp.where(accept, aux_new, c.aux), z=jnp.where(accept, F1.weights, c.z),
             h=h_next, steps=c.steps + accept, rejected=c.rejected + ~accept,
-            max_sliding=jnp.maximum(c.max_sliding, jnp.sum(active, dtype=jnp.int32)),
+            max_sliding=jnp.maximum(c.max_sliding, num_held.astype(jnp.int32)),
         )  # fmt: skip
         at_save = accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
         stored = ros._store(new, new.x, new.y, new.aux, jnp.minimum(c.index, S - 1))
@@ -279,4 +451,3 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
     out = jax.lax.while_loop(lambda c: c.outcome < 0, body, carry)
     return ros.Integration(out.xs, out.ys, out.auxs, out.saved, out.x, out.y, out.aux, out.outcome,
                            out.steps, out.rejected, out.max_sliding)  # fmt: skip
-
