@@ -28,6 +28,8 @@ from ._flow import FlowSolution as FlowSolution  # noqa: E402
 from ._flow import FlowStatus as FlowStatus  # noqa: E402
 from ._flow import gradient_flow as gradient_flow  # noqa: E402
 from ._flow import gradient_flow_batch as gradient_flow_batch  # noqa: E402
+from ._flow import LimitFlowSolution as LimitFlowSolution  # noqa: E402
+from ._flow import limit_flow as limit_flow  # noqa: E402
 from ._flow._sliding import SlidingOptions as SlidingOptions  # noqa: E402
 from ._homogeneity import assert_homogeneous as assert_homogeneous  # noqa: E402
 from ._homogeneity import estimate_degree as estimate_degree  # noqa: E402

@@ -1,0 +1,150 @@
+"""limit_flow: the beta -> infinity limit flow on its own, run to the direction's convergence.
+
+Why a separate entry point: along gradient flow on ReLU nets the direction converges slowly in
+s = ln ||w|| (on the reference problem of NOTES §6, L = 2: ||dtheta/ds|| ~ s^-1.7, 3.1e-5 at
+s = 700), so a KKT point to 1e-6 lies at s ~ 5,000, i.e. beta = e^(L s) far beyond float64,
+where FlowSolution's beta-valued fields (rho, params, the loss) overflow. The limit flow itself
+does not involve beta (it is the flow at beta = infinity, O(1/beta) from the flow at finite
+beta), so it runs there; this function returns what stays finite: s, the unit direction, the
+minimum margin, and at the end the flow's speed ||dtheta/ds|| (= the relative stationarity
+residual of the min-norm Clarke element, which kkt_certificate measures independently) and
+the multipliers lambda.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from .._margins import log_norm
+from .._validation import check_all
+from .._wolfe import WEIGHT_FLOOR
+from . import _limit as lim
+from . import _rosenbrock as ros
+from . import _solution as S
+from ._kink_geometry import kink_geometry, per_example_margins
+
+_OUTCOMES = {ros.REACHED_END: S.REACHED_TARGET, ros.CONVERGED: S.DIRECTION_CONVERGED,
+             ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED}  # fmt: skip
+
+
+class LimitFlowSolution(NamedTuple):
+    """Saved points of the limit flow: the start, the points of the save grid (even in s) it
+    reached, and the last point if it stopped off the grid.
+
+    Attributes:
+        s: ln ||w|| of the flow at finite beta that this point stands for (beta = e^(L s)).
+        directions: the unit direction theta at each point (a params pytree, leading save axis).
+        margin: min_i q_i(theta), the hard margin of the direction (never decreases).
+        speed: ||dtheta/ds|| at the last point: the relative KKT stationarity residual of the
+            direction (tangential over radial part of the min-norm Clarke element).
+        multipliers: lambda at the last point (on the simplex; zero off the minimum margin).
+        code: a status code of FlowStatus (REACHED_TARGET, DIRECTION_CONVERGED, MAX_STEPS,
+            SOLVER_FAILED). steps, rejected_steps: the integrator's step counts.
+    """
+
+    s: np.ndarray
+    directions: tuple
+    margin: np.ndarray
+    speed: float
+    multipliers: np.ndarray
+    code: int
+    steps: int
+    rejected_steps: int
+
+    @property
+    def message(self) -> str:
+        return S.STATUS_MESSAGES[self.code]
+
+
+def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | None = None,
+               num_saves: int = 100, max_steps: int = 100_000, rtol: float = 1e-8):
+    """Integrate the beta -> infinity limit flow from the direction of `params` to s = s_max, or
+    until ||dtheta/ds|| < direction_tol.
+
+    `params` should be a point of gradient flow at large beta = ||params||^L (for instance the
+    last point of gradient_flow(..., solver="rosenbrock")): the examples within 40 / beta of the
+    minimum margin start on it, with the min-norm point of their Clarke gradients as weights
+    (_limit.enter). From there the flow is autonomous in s: the direction moves along the
+    min-norm element of the Clarke subdifferential of the minimum margin (tangent part), the
+    margins on the minimum rise together, sliding ReLU kinks are held (see _limit.py).
+
+    Args:
+        predictor: an L-homogeneous Predictor. params: the start (its scale sets s0 and beta).
+        X, y: the data, y in {-1, +1}; the direction must separate it.
+        s_max: the target s (any finite value: beta = e^(L s) need not be a float64 number).
+        direction_tol: stop when ||dtheta/ds|| falls below it.
+        num_saves: saved points (evenly spaced in s). max_steps: integrator step budget.
+        rtol: the local error tolerance on theta per step.
+
+    Returns:
+        A LimitFlowSolution.
+
+    Raises:
+        ValueError: on invalid input, a non-separating direction, or s_max <= ln ||params||.
+    """
+    predictor, params, X, y = check_all(predictor, params, X, y)
+    if not math.isfinite(s_max):
+        raise ValueError(f"s_max must be finite, got {s_max}")
+    if direction_tol is not None and not direction_tol > 0:
+        raise ValueError(f"direction_tol must be positive, got {direction_tol}")
+    if num_saves < 2 or max_steps < 1 or not rtol > 0:
+        raise ValueError(f"need num_saves >= 2, max_steps >= 1, rtol > 0; got {num_saves}, "
+                         f"{max_steps}, {rtol}")  # fmt: skip
+    w, unravel = ravel_pytree(tuple(jnp.asarray(leaf, jnp.float64) for leaf in params))
+    s0 = float(log_norm(w))
+    if not s_max > s0:
+        raise ValueError(f"s_max = {s_max} must exceed ln ||params|| = {s0}")
+    theta = w / jnp.linalg.norm(w)
+    q = np.asarray(y * jax.vmap(predictor.apply, in_axes=(None, 0))(unravel(theta), X))
+    if not np.min(q) > 0:
+        raise ValueError(f"the direction of params does not separate the data (min normalized "
+                         f"margin {np.min(q)})")  # fmt: skip
+    theta1, out, field = _run(predictor, int(num_saves), int(max_steps), float(rtol), X, y,
+                      unravel(theta), s0, float(s_max),
+                      0.0 if direction_tol is None else float(direction_tol))  # fmt: skip
+    # The start (after `enter`) first, then the saved rows.
+    saved = np.asarray(out.saved)
+    thetas = np.concatenate([np.asarray(theta1)[None], np.asarray(out.ys)[saved]])
+    ss = np.concatenate([[s0], np.asarray(out.xs)[saved]])
+    directions = jax.vmap(unravel)(jnp.asarray(thetas))
+    margins = jax.vmap(lambda t: jnp.min(y * jax.vmap(predictor.apply, in_axes=(None, 0))(
+        unravel(t), X)))(jnp.asarray(thetas))  # fmt: skip
+    return LimitFlowSolution(
+        ss, directions, np.asarray(margins),
+        float(jnp.linalg.norm(field.dtheta)), np.asarray(field.weights),
+        _OUTCOMES.get(int(out.outcome), S.SOLVER_FAILED), int(out.steps), int(out.rejected),
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, direction_tol):
+    theta, unravel = ravel_pytree(unit_params)
+    degree = predictor.degree
+    geometry = kink_geometry(predictor, unravel, X, y, theta)
+    # With kinks the limit flow freezes the activation pattern within a step (branch values).
+    margins_and_grads = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
+    options = lim.LimitOptions(tol=rtol)
+    # Examples within 40 / beta of the minimum start on it: at most 4e-5 (beta >= 1e6), a start
+    # far from the limit (small beta) begins with the examples nearest the minimum only.
+    s_enter = jnp.maximum(s0, math.log(1e6) / degree)
+    theta1, weights1 = lim.enter(margins_and_grads, degree, options, s_enter, theta, geometry)
+    save_ss = jnp.linspace(s0, s_max, num_saves)
+    out = lim.integrate(margins_and_grads, degree, options, s0, theta1, weights1, jnp.zeros(()),
+                        s_max, save_ss, max_steps, direction_tol, geometry)  # fmt: skip
+
+    # The field at the last point, E chosen afresh among the examples on the minimum.
+    def on_minimum(q):
+        return (q - jnp.min(q)) <= options.touching * jnp.abs(jnp.min(q))
+
+    q, _ = margins_and_grads(out.y, None)
+    start = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
+    field, _ = lim.choose_kinks(margins_and_grads, degree, options, out.y, on_minimum, start,
+                                geometry)  # fmt: skip
+    return theta1, out, field._replace(weights=jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0))
