@@ -13,6 +13,11 @@ time. Printed: wall time (compilation included), status, beta reached by each an
 log10, final soft margins, the largest relative decrease of the soft margin after t0 (Theorem 5)
 and, where an exact limit exists, the distance of the final direction to it (the SVM direction
 in l2; for the diagonal net the l1 max-margin direction, both l1-normalised, in l1).
+
+ReLU cases (no exact limit is known): after the table row, the flow's last point is continued on
+jm.limit_flow until ||dtheta/ds|| < 1e-7 (or --kkt-steps), and kkt_certificate (sampled Clarke
+elements, NNLS) is printed for the engine's last point and for the converged one; not continued
+when the engine stopped before beta = 1e6 (the limit flow would not be the flow there).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ def main():
     parser.add_argument("--relu-max-steps", type=int, default=20_000,
                         help="phase-2 budget of the ReLU cases (the W-method crawls there)")
     parser.add_argument("--no-relu", action="store_true", help="skip the ReLU cases")
+    parser.add_argument("--kkt-steps", type=int, default=20_000,
+                        help="step budget of the limit flow that continues the ReLU cases")
     args = parser.parse_args()
     header = (f"{'case':24s} {'engine s':>9s} {'status':28s} {'log10 beta':>10s} "
               f"{'GD log10 beta':>13s} {'ratio log10':>11s} {'soft margin':>12s} "
@@ -103,6 +110,32 @@ def main():
               f"{theorem5_max_decrease(solution):13.1e} "
               f"{_distance_to_limit(predictor, last, X, y):11.1e}  GD: {gd.status}",
               flush=True)  # fmt: skip
+        if predictor.kinks is not None and log10_beta >= 6.0:
+            _continue_to_a_kkt_point(predictor, last, X, y, args.kkt_steps)
+        elif predictor.kinks is not None:
+            # From beta ~ 1e2 the limit flow is not the flow (O(1/beta)), and measured on the
+            # L = 3 case it had not converged after 7 minutes: not run.
+            print(f"{'':24s} KKT stationarity "
+                  f"{jm.kkt_certificate(predictor, last, X, y, clarke_samples=512).stationarity:.1e}"
+                  " at the engine's end; not continued (the engine stopped before beta = 1e6, "
+                  "where the limit flow takes over)", flush=True)  # fmt: skip
+
+
+def _continue_to_a_kkt_point(predictor, last, X, y, max_steps):
+    """The KKT certificate at the engine's last point, then at the end of the limit flow run
+    from there until the direction converges (||dtheta/ds|| < 1e-7)."""
+    start = time.perf_counter()
+    limit = jm.limit_flow(predictor, last, X, y, s_max=1e5, direction_tol=1e-7,
+                          max_steps=max_steps)  # fmt: skip
+    wall = time.perf_counter() - start
+    end = jax.tree.map(lambda a: a[-1], limit.directions)
+    before, after = (jm.kkt_certificate(predictor, params, X, y, clarke_samples=512)
+                     for params in (last, end))  # fmt: skip
+    print(f"{'':24s} KKT stationarity {before.stationarity:.1e} at the engine's end; limit_flow "
+          f"{wall:.1f} s, {limit.steps} steps, to s = {limit.s[-1]:.0f} (beta = 10^"
+          f"{predictor.degree * limit.s[-1] / np.log(10):.0f}): {limit.message[:22]}, speed "
+          f"{limit.speed:.1e}, KKT stationarity {after.stationarity:.1e}, margin "
+          f"{limit.margin[-1]:.7f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
