@@ -70,8 +70,8 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
 
     `params` should be a point of gradient flow at large beta = ||params||^L (for instance the
     last point of gradient_flow(..., solver="rosenbrock")): the examples within 40 / beta of the
-    minimum margin start on it, with the min-norm point of their Clarke gradients as weights
-    (_limit.enter). From there the flow is autonomous in s: the direction moves along the
+    minimum margin (at most 4e-5: 40 / max(beta, 1e6)) start on it, with the min-norm point of
+    their Clarke gradients as weights (_limit.enter). From there the flow is autonomous in s: the direction moves along the
     min-norm element of the Clarke subdifferential of the minimum margin (tangent part), the
     margins on the minimum rise together, sliding ReLU kinks are held (see _limit.py).
 
@@ -106,9 +106,9 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
     if not np.min(q) > 0:
         raise ValueError(f"the direction of params does not separate the data (min normalized "
                          f"margin {np.min(q)})")  # fmt: skip
+    tol = 0.0 if direction_tol is None else float(direction_tol)
     theta1, out, field = _run(predictor, int(num_saves), int(max_steps), float(rtol), X, y,
-                      unravel(theta), s0, float(s_max),
-                      0.0 if direction_tol is None else float(direction_tol))  # fmt: skip
+                              unravel(theta), s0, float(s_max), tol)  # fmt: skip
     # The start (after `enter`) first, then the saved rows.
     saved = np.asarray(out.saved)
     thetas = np.concatenate([np.asarray(theta1)[None], np.asarray(out.ys)[saved]])
@@ -147,4 +147,5 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     start = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
     field, _ = lim.choose_kinks(margins_and_grads, degree, options, out.y, on_minimum, start,
                                 geometry)  # fmt: skip
-    return theta1, out, field._replace(weights=jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0))
+    weights = jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0)
+    return theta1, out, field._replace(weights=weights)
