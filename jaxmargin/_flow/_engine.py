@@ -188,9 +188,9 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
                             ros.quasi_steady_log_t_loss(clock, margins_and_grads, s0, theta0),
                             log_t_loss1)  # fmt: skip
     save_ss = jnp.linspace(s0, s_end, static.saves_phase2)
-    # Smooth predictors switch to the beta -> infinity limit flow (_limit.py) at limit_beta, or
-    # earlier, from beta = 1e8 on, where the W-method's steps stall (its linearised softmax
-    # then flips between minimum-margin examples within a step: diagonal nets at beta ~ 2e8).
+    # Phase 2 switches to the beta -> infinity limit flow (_limit.py) at limit_beta, or earlier,
+    # from beta = 1e8 on, where the W-method's steps stall (its linearised softmax then flips
+    # between minimum-margin examples within a step: diagonal nets at beta ~ 2e8).
     branch_margins_and_grads = per_example_margins(predictor, unravel, X, y, branch=True)
     use_limit = static.limit_beta is not None
     s_switch = math.log(static.limit_beta) / degree if use_limit else math.inf

@@ -184,10 +184,8 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     # on their kinks, crowding the real ones out of the `candidates` slots.
     n = weights0.shape[0]
     unit_scale = jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
-    on_all = jnp.abs(z) <= options.on_kink * unit_scale
-    slots = jnp.nonzero(on_all, size=k, fill_value=0)[0]
-    on_slot = jnp.arange(k) < jnp.sum(on_all)
-    on_kink = jnp.zeros(P, bool).at[slots].max(on_slot)
+    on = jnp.abs(z) <= options.on_kink * unit_scale
+    slots, on_slot, on_kink = ros.on_kink_slots(z, on, k)
     alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
     hold = jnp.zeros(k, bool)
     for _ in range(_KINK_ROUNDS):
@@ -196,8 +194,9 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
         field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
                                   geometry, kinks)  # fmt: skip
         weights0 = field.weights
-        _, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
-                                          lambda _, w=field.weights: w, slots, on_slot, on_kink)
+        rows, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
+                                             lambda _, w=field.weights: w, slots, on_slot,
+                                             on_kink)  # fmt: skip
     kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold, on_kink,
                       alpha)
     field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
@@ -207,7 +206,7 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     # problem, L = 2: one pair then chattered, released and landed on again every step). Such a
     # pair is held as well. Holding is always safe for the margins (every held pair only
     # constrains the min-norm problem: the margins of E still rise at ||v||^2 / (L q_min)).
-    rows = _tangent(geometry.rows(unit, slots), unit)
+    rows = _tangent(rows, unit)  # the last round's (zero off on_slot)
     rates = rows @ field.dtheta
     in_e = (field.weights > WEIGHT_FLOOR)[slots // (P // field.weights.shape[0])]
     side = jnp.where(alpha > 0.5, 1.0, -1.0)
@@ -366,22 +365,15 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
             # Off their kinks: a change of sign is a crossing. On them and not held: the pair
             # leaves to the side of its alpha in {0, 1}; the side test is instantaneous, and one
             # that moves the other way by more than kink_landing is landed too (then held).
-            off = in_e & ~kinks.on_kink & (z0 != 0)
-            crossed = off & (jnp.sign(z1) != jnp.sign(z0))
-            too_far = crossed & (jnp.abs(z1) > options.kink_landing * scale)
-            # A step that ends just short of a kink it heads for lands on it too (no Zeno).
-            crossed = crossed | (off & (jnp.abs(z1) <= options.kink_landing * scale)
-                                 & (jnp.abs(z1) < jnp.abs(z0)))
-            h_cross = h * (jnp.abs(z0) + 0.5 * options.kink_landing * scale) / (
-                jnp.abs(z0) + jnp.abs(z1))
+            crossed, too_far, h_cross = ros.kink_crossings(
+                z0, z1, in_e & ~kinks.on_kink, options.kink_landing * scale, h)
             side = jnp.zeros_like(z0).at[kinks.slots].set(jnp.where(kinks.alpha > 0.5, 1.0, -1.0))
             leaving = in_e & kinks.on_kink & ~_held_pairs(geometry, kinks)
             back = leaving & (side * (z1 - z0) < 0)
             back_too_far = back & (jnp.abs(z1 - z0) > options.kink_landing * scale)
             h_back = h * 0.5 * options.kink_landing * scale / jnp.maximum(jnp.abs(z1 - z0),
                                                                             1e-300)
-            h_kink = jnp.minimum(jnp.min(jnp.where(too_far, h_cross, jnp.inf)),
-                                 jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
+            h_kink = jnp.minimum(h_cross, jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
             crossed = crossed | back
             too_far = too_far | back_too_far
             landed_kinks = ~jnp.any(too_far)

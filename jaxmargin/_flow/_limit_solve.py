@@ -1,14 +1,14 @@
 """limit_flow: the beta -> infinity limit flow on its own, run to the direction's convergence.
 
 Why a separate entry point: along gradient flow on ReLU nets the direction converges slowly in
-s = ln ||w|| (on the reference problem of NOTES §6, L = 2: ||dtheta/ds|| ~ s^-1.7, 3.1e-5 at
-s = 700), so a KKT point to 1e-6 lies at s ~ 5,000, i.e. beta = e^(L s) far beyond float64,
-where FlowSolution's beta-valued fields (rho, params, the loss) overflow. The limit flow itself
-does not involve beta (it is the flow at beta = infinity, O(1/beta) from the flow at finite
-beta), so it runs there; this function returns what stays finite: s, the unit direction, the
-minimum margin, and at the end the flow's speed ||dtheta/ds|| (= the relative stationarity
-residual of the min-norm Clarke element, which kkt_certificate measures independently) and
-the multipliers lambda.
+s = ln ||w||: on the reference problem of NOTES §6 (L = 2) the KKT residual is 4.0e-2 at
+beta = 1e12 and falls below 1e-7 only at s ~ 1950 (`python bench/asymptotic.py`), i.e. at
+beta = e^(L s) far beyond float64, where FlowSolution's beta-valued fields (rho, params, the
+loss) overflow. The limit flow itself does not involve beta (it is the flow at beta = infinity,
+O(1/beta) from the flow at finite beta), so it runs there; this function returns what stays
+finite: s, the unit direction, the minimum margin, and at the end the flow's speed
+||dtheta/ds|| (= the relative stationarity residual of the min-norm Clarke element, which
+kkt_certificate measures independently) and the multipliers lambda.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ from .._margins import log_norm
 from .._validation import check_all
 from .._wolfe import WEIGHT_FLOOR
 from . import _limit as lim
-from . import _rosenbrock as ros
 from . import _solution as S
+from ._engine import _OUTCOME_CODES
 from ._kink_geometry import kink_geometry, per_example_margins
 
-_OUTCOMES = {ros.REACHED_END: S.REACHED_TARGET, ros.CONVERGED: S.DIRECTION_CONVERGED,
-             ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED}  # fmt: skip
 
 
 class LimitFlowSolution(NamedTuple):
@@ -71,9 +69,10 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
     `params` should be a point of gradient flow at large beta = ||params||^L (for instance the
     last point of gradient_flow(..., solver="rosenbrock")): the examples within 40 / beta of the
     minimum margin (at most 4e-5: 40 / max(beta, 1e6)) start on it, with the min-norm point of
-    their Clarke gradients as weights (_limit.enter). From there the flow is autonomous in s: the direction moves along the
-    min-norm element of the Clarke subdifferential of the minimum margin (tangent part), the
-    margins on the minimum rise together, sliding ReLU kinks are held (see _limit.py).
+    their Clarke gradients as weights (_limit.enter). From there the flow is autonomous in s:
+    the direction moves along the min-norm element of the Clarke subdifferential of the minimum
+    margin (tangent part), the margins on the minimum rise together, sliding ReLU kinks are held
+    (see _limit.py).
 
     Args:
         predictor: an L-homogeneous Predictor. params: the start (its scale sets s0 and beta).
@@ -119,7 +118,7 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
     return LimitFlowSolution(
         ss, directions, np.asarray(margins),
         float(jnp.linalg.norm(field.dtheta)), np.asarray(field.weights),
-        _OUTCOMES.get(int(out.outcome), S.SOLVER_FAILED), int(out.steps), int(out.rejected),
+        _OUTCOME_CODES.get(int(out.outcome), S.SOLVER_FAILED), int(out.steps), int(out.rejected),
     )  # fmt: skip
 
 

@@ -298,6 +298,28 @@ def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, wei
     return rows, alpha, slides | attracted
 
 
+def kink_crossings(z0, z1, free, landing, h):
+    """Pairs among `free` that cross their kink within a step from pre-activations z0 to z1:
+    (crossed, too_far, h_land). too_far: ended more than `landing` past it (the step is redone
+    with h_land, a linear guess that ends landing / 2 past it); crossed also holds the pairs
+    that ended within `landing` short of a kink they head for (else the next steps would
+    approach it geometrically, a Zeno sequence)."""
+    free = free & (z0 != 0)
+    crossed = free & (jnp.sign(z1) != jnp.sign(z0))
+    too_far = crossed & (jnp.abs(z1) > landing)
+    crossed = crossed | (free & (jnp.abs(z1) <= landing) & (jnp.abs(z1) < jnp.abs(z0)))
+    fraction = (jnp.abs(z0) + 0.5 * landing) / (jnp.abs(z0) + jnp.abs(z1))
+    return crossed, too_far, jnp.min(jnp.where(too_far, h * fraction, jnp.inf))
+
+
+def on_kink_slots(z, on, k):
+    """The first k pairs with `on` set, compacted (top_k over a few thousand pairs costs ~0.6 ms
+    on a CPU): (slots (k,), on_slot (k,) bool, on_kink (P,) bool)."""
+    slots = jnp.nonzero(on, size=k, fill_value=0)[0]
+    on_slot = jnp.arange(k) < jnp.sum(on)
+    return slots, on_slot, jnp.zeros(z.shape[0], bool).at[slots].max(on_slot)
+
+
 def frozen_gates(geometry: KinkGeometry, z, slots, on_slot, alpha):
     """Gates freezing the activation pattern of pre-activations z: the pairs in `slots` on their
     kinks (on_slot) at derivative alpha, the others at the side they are on."""
@@ -323,11 +345,7 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     P = geometry.num_pairs
     k = min(options.candidates, P)
     scale = jnp.maximum(jnp.mean(jnp.abs(z)), 1e-300)
-    # Compaction, not top_k: top_k over a few thousand pairs costs ~0.6 ms on a CPU.
-    on_all = jnp.abs(z) <= options.on_kink * scale
-    slots = jnp.nonzero(on_all, size=k, fill_value=0)[0]
-    on_slot = jnp.arange(k) < jnp.sum(on_all)
-    on_kink = jnp.zeros(P, bool).at[slots].max(on_slot)
+    slots, on_slot, on_kink = on_kink_slots(z, jnp.abs(z) <= options.on_kink * scale, k)
     y_unit = y / jnp.linalg.norm(y) if clock.polar else y
 
     def clarke_element(_):
@@ -510,15 +528,8 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         if geometry is not None:
             z_new = preacts(y_new)
             scale = jnp.maximum(jnp.mean(jnp.abs(z_new)), 1e-300)
-            crossed = (jnp.sign(z_new) != jnp.sign(c.z)) & ~ks.on_kink & (c.z != 0)
-            too_far = crossed & (jnp.abs(z_new) > options.landing * scale)
-            # A step that ends just short of a kink it is heading for also lands on it (else
-            # the next steps would approach it geometrically, a Zeno sequence).
-            crossed = crossed | (~ks.on_kink & (jnp.abs(z_new) <= options.landing * scale)
-                                 & (jnp.abs(z_new) < jnp.abs(c.z)))
-            fraction = (jnp.abs(c.z) + 0.5 * options.landing * scale) / (
-                jnp.abs(c.z) + jnp.abs(z_new))
-            h_land = jnp.min(jnp.where(too_far, h * fraction, jnp.inf))
+            crossed, too_far, h_land = kink_crossings(c.z, z_new, ~ks.on_kink,
+                                                      options.landing * scale, h)
             landed = ~jnp.any(too_far)
         hit = jnp.asarray(False)
         if event is not None:
