@@ -59,8 +59,10 @@ class Kinks(NamedTuple):
     """Access to the kinks of a ReLU-type network, for sliding-mode (Filippov) velocities.
 
     Attributes:
-        preactivations: `preactivations(params, x) -> tuple` of the hidden pre-activations z
-            of one input, one array per hidden layer.
+        preactivations: `preactivations(params, x, gates=None) -> tuple` of the hidden
+            pre-activations z of one input, one array per hidden layer; with `gates` (as in
+            gated_apply) their gradients take the gated units' derivatives (deeper layers' z
+            depend on the Clarke elements chosen below them).
         gated_apply: `gated_apply(params, x, gates) -> scalar`, the same value as `apply`, but
             where `gates[k]` = (mask, alpha) with mask True the derivative of the activation
             at unit j of hidden layer k is taken to be slope + alpha_j (1 - slope), whatever
@@ -240,7 +242,9 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
             hidden = activation(layer @ hidden)
         return params[-1] @ hidden
 
-    def preactivations(params, x):
+    def preactivations(params, x, gates=None):
+        if gates is not None:
+            return _gated_forward(params, x, gates, None, False)[0]
         out, hidden = [], x
         for layer in params[:-1]:
             z = layer @ hidden
@@ -249,11 +253,15 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
         return tuple(out)
 
     def gated_apply(params, x, gates, offsets=None, branch=False):
-        hidden = x
+        return _gated_forward(params, x, gates, offsets, branch)[1]
+
+    def _gated_forward(params, x, gates, offsets, branch):
+        hidden, preacts = x, []
         if offsets is None:
             offsets = (0.0,) * (depth - 1)
         for layer, (mask, alpha), offset in zip(params[:-1], gates, offsets):
             z = layer @ hidden
+            preacts.append(z)
             sign_rule = jnp.where(z > 0, 1.0, jnp.where(z < 0, slope, slope + relu_grad_at_zero
                                                          * (1.0 - slope)))  # fmt: skip
             derivative = jnp.where(mask, slope + alpha * (1.0 - slope), sign_rule)
@@ -263,7 +271,7 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
                 value = jnp.where(mask, derivative * z_value, value)
             # Value exactly activation(z) (or the branch's); derivative in z exactly `derivative`.
             hidden = value + (z - z_value) * derivative + offset
-        return params[-1] @ hidden
+        return tuple(preacts), params[-1] @ hidden
 
     kind = "relu_mlp" if slope == 0.0 else f"leaky_relu_mlp[slope={slope}]"
     rebuild = functools.partial(

@@ -4,8 +4,9 @@ The flow's kinks are the pairs (example i, hidden unit k) with pre-activation z_
 pair is a constraint z_ik(w) = 0 when the flow slides on it; its gradient a_ik = grad z_ik(w) is
 computed from example i alone. The Clarke interval of the pair's activation derivative moves the
 velocity g = sum_i p_i grad m_i along a_ik by (1 - slope) p_i delta_ik alpha, alpha in [0, 1],
-with delta_ik = d m_i / d h_ik the back-propagated signal at the unit's output (exactly so for
-one hidden layer; deeper nets also move the gradients of downstream kinks, which we neglect).
+with delta_ik = d m_i / d h_ik the back-propagated signal at the unit's output. In deeper nets
+delta_ik depends on the Clarke elements chosen above unit k and a_ik on those below it: both take
+the step's gates (the element is found by a few rounds, see _rosenbrock.clarke_pairs).
 Pairs are indexed example-major: flat index = i * H + k, H = hidden units per example.
 """
 
@@ -19,9 +20,10 @@ import jax.numpy as jnp
 
 class KinkGeometry(NamedTuple):
     num_pairs: int
+    hidden_layers: int
     slope: float
     preactivations: object  # w -> (n * H,)
-    rows: object  # (w, flat indices (K,)) -> (K, d) gradients of those pre-activations
+    rows: object  # (w, flat indices (K,), gates=None) -> (K, d) gradients of those pre-activations
     gates: object  # (mask (n*H,), alpha (n*H,)) -> gates for gated_apply, vmapped over examples
     signal: object  # (w, gates, weights (n,)) -> (n * H,) of weights_i * d m_i / d h_ik
 
@@ -48,8 +50,8 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
         return None
     n = X.shape[0]
 
-    def one_z(w, x):
-        return jnp.concatenate([z.ravel() for z in kinks.preactivations(unravel(w), x)])
+    def one_z(w, x, gate=None):
+        return jnp.concatenate([z.ravel() for z in kinks.preactivations(unravel(w), x, gate)])
 
     widths = [s.shape[0] for s in jax.eval_shape(
         lambda w: kinks.preactivations(unravel(w), X[0]), w_example)]  # fmt: skip
@@ -58,9 +60,14 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
     def preactivations(w):
         return jax.vmap(one_z, in_axes=(None, 0))(w, X).ravel()
 
-    def rows(w, index):
+    def rows(w, index, gates=None):
         example, unit = index // per_example, index % per_example
-        return jax.vmap(lambda i, k: jax.grad(lambda v: one_z(v, X[i])[k])(w))(example, unit)
+
+        def row(i, k):
+            gate = None if gates is None else jax.tree.map(lambda a: a[i], gates)
+            return jax.grad(lambda v: one_z(v, X[i], gate)[k])(w)
+
+        return jax.vmap(row)(example, unit)
 
     def gates(mask, alpha):
         mask, alpha = mask.reshape(n, per_example), alpha.reshape(n, per_example)
@@ -78,4 +85,5 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
         zeros = tuple(jnp.zeros((n, width), w.dtype) for width in widths)
         return jnp.concatenate(jax.grad(weighted)(zeros), axis=1).ravel()
 
-    return KinkGeometry(n * per_example, float(kinks.slope), preactivations, rows, gates, signal)
+    return KinkGeometry(n * per_example, len(widths), float(kinks.slope), preactivations, rows,
+                        gates, signal)

@@ -259,14 +259,39 @@ def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, wei
     their kinks (on_slot), p = weights_of(margins): (rows, alpha, holds) with rows the kinks'
     gradients a_k, alpha the kink derivatives and holds the pairs held on z = 0 (sliding, or
     attracted from both sides). Shared by the W-method (p = softmax(-beta q)) and the
-    beta -> infinity limit flow (p = lambda, its min-norm weights)."""
-    rows = jnp.where(on_slot[:, None], geometry.rows(y_unit, slots), 0.0)
-    gates0 = geometry.gates(on_kink, jnp.zeros(on_kink.shape[0], y_unit.dtype))
-    m, G = margins_and_grads(y_unit, gates0)
+    beta -> infinity limit flow (p = lambda, its min-norm weights).
+
+    With one hidden layer the velocity is affine in alpha and one round is exact. Deeper, a
+    pair's signal c_k depends on the alphas above it and its row a_k on those below, so the
+    element is found by rounds, each linearised at the last round's alphas (gates). Why: on the
+    reference problem (L = 3) a first-layer pair whose example also had two second-layer pairs
+    on their kinks got c_k from alpha = 0 for them; the side test then sent it off its kink to
+    the wrong side, it came back and was landed on again, with steps shrinking geometrically
+    (the W-method's 20k steps ended at beta ~ 10^2.45)."""
+    P, k = geometry.num_pairs, slots.shape[0]
+    written = jnp.where(on_slot, slots, P)  # padding slots are dropped, not written to pair 0
+    alpha = jnp.zeros(k, y_unit.dtype)
+    for _ in range(1 if geometry.hidden_layers == 1 else _CLARKE_ROUNDS):
+        alpha_all = jnp.zeros(P, y_unit.dtype).at[written].set(alpha, mode="drop")
+        gates = geometry.gates(on_kink, alpha_all)
+        rows, alpha, holds = _clarke_round(geometry, margins_and_grads, options, y_unit,
+                                           weights_of, slots, on_slot, gates, alpha)
+    return rows, alpha, holds
+
+
+# Rounds of clarke_pairs for nets with more than one hidden layer.
+_CLARKE_ROUNDS = 3
+
+
+def _clarke_round(geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot,
+                  gates, alpha_at):
+    """One round of clarke_pairs, linearised at the kink derivatives alpha_at (in gates)."""
+    rows = jnp.where(on_slot[:, None], geometry.rows(y_unit, slots, gates), 0.0)
+    m, G = margins_and_grads(y_unit, gates)
     p = weights_of(m)
     # Setting the pair's derivative to alpha in [0, 1] adds alpha * c_k * a_k to g.
-    c = (1.0 - geometry.slope) * geometry.signal(y_unit, gates0, p)[slots]
-    g0 = G.T @ p
+    c = (1.0 - geometry.slope) * geometry.signal(y_unit, gates, p)[slots]
+    g0 = G.T @ p - rows.T @ (c * alpha_at)  # the velocity at alpha = 0 (to first order)
     # A pair can hold itself on its kink only if its Clarke interval moves its own rate
     # (by c_k ||a_k||^2) by more than rounding of the rates (~||g|| ||a_k||): c_k ~ p_i,
     # which vanishes for the examples that drop out of the soft-min as beta grows, and
