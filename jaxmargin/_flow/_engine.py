@@ -48,7 +48,8 @@ _STALL_BETA, _STALL_STEP = 1e8, 1e-5
 # limit_beta="auto": where the limit flow takes over (see gradient_flow).
 _AUTO_LIMIT_BETA, _AUTO_LIMIT_BETA_KINKS = 1e10, 1e6
 _OUTCOME_CODES = {ros.REACHED_END: S.REACHED_TARGET, ros.CONVERGED: S.DIRECTION_CONVERGED,
-                  ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED}  # fmt: skip
+                  ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED,
+                  ros.KINK_OVERFLOW: S.TOO_MANY_KINKS}  # fmt: skip
 
 
 class _Static(NamedTuple):

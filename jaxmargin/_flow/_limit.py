@@ -71,6 +71,7 @@ _RIDGE = 1e-13
 _SWITCH_GAP = 40.0
 # A kink's rate below this (relative to ||a_k|| ||dtheta/ds||) has no side.
 _RATE_FLOOR = 1e-9
+_WRONG_WAY_ROUNDS = 4
 # Rounds of the alternation (Wolfe for lambda, box QP for the kinks' alphas) at a step's start.
 _KINK_ROUNDS = 3
 
@@ -86,7 +87,8 @@ class LimitOptions(NamedTuple):
         first_step: the first step size tried.
         wolfe_tol: Wolfe's stopping gap, relative to max ||P grad q_i||^2.
         wolfe_iterations: cap on Wolfe's major iterations per step.
-        candidates: ReLU kinks: pairs examined per step (those on their kinks).
+        candidates: ReLU kinks: slots for the pairs on their kinks (more stops the flow with
+            TOO_MANY_KINKS; the reference problem, L = 3, holds 128 by s ~ 10).
         on_kink: |z| relative to the largest |z| of the same unit over all examples, below
             which a pair counts as on its kink.
         kink_landing: how far past a kink (relative to mean |z|) a step may end.
@@ -100,7 +102,7 @@ class LimitOptions(NamedTuple):
     first_step: float = 1e-2
     wolfe_tol: float = 1e-15
     wolfe_iterations: int = 200
-    candidates: int = 128
+    candidates: int = 256
     on_kink: float = 1e-6
     kink_landing: float = 1e-9
     qp_iterations: int = 300
@@ -114,6 +116,7 @@ class StepKinks(NamedTuple):
     hold: jax.Array  # (k,) bool: held on z = 0 (sliding) during the step
     on_kink: jax.Array  # (P,) bool: on their kinks at the step's start
     alpha: jax.Array  # (k,) their kink derivatives (0 or 1 for those not held)
+    overflow: jax.Array  # more pairs on their kinks than the k slots
 
 
 class _LimitField(NamedTuple):
@@ -134,7 +137,8 @@ def _tangent_gradients(margins_and_grads, theta, geometry=None, kinks=None):
     q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
     tangents = _tangent(G, unit)
     if kinks is not None:
-        project = ros.tangent_projector(_tangent(geometry.rows(unit, kinks.slots), unit),
+        project = ros.tangent_projector(_tangent(geometry.rows(unit, kinks.slots, kinks.gates),
+                                                 unit),
                                         kinks.hold)  # fmt: skip
         tangents = jax.vmap(project)(tangents)
     return unit, q, tangents, tangents @ tangents.T
@@ -182,23 +186,24 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     # example-major), not to all of them: the units no example of E uses decay like e^-s in
     # theta, and by s ~ 240 (beta ~ 1e208, L = 2) a global scale counted ~100 of their pairs as
     # on their kinks, crowding the real ones out of the `candidates` slots.
-    n = weights0.shape[0]
-    unit_scale = jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
-    on = jnp.abs(z) <= options.on_kink * unit_scale
+    on = jnp.abs(z) <= options.on_kink * _unit_scale(z, weights0.shape[0])
     slots, on_slot, on_kink = ros.on_kink_slots(z, on, k)
+    overflow = jnp.sum(on) > k
     alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
     hold = jnp.zeros(k, bool)
     for _ in range(_KINK_ROUNDS):
         kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold,
-                          on_kink, alpha)  # fmt: skip
+                          on_kink, alpha, overflow)  # fmt: skip
         field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
                                   geometry, kinks)  # fmt: skip
         weights0 = field.weights
+        # One linearisation per round, at the last round's alphas: the alternation's rounds
+        # are clarke_pairs' rounds for deeper nets.
         rows, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
                                              lambda _, w=field.weights: w, slots, on_slot,
-                                             on_kink)  # fmt: skip
+                                             on_kink, alpha_at=alpha, rounds=1)  # fmt: skip
     kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold, on_kink,
-                      alpha)
+                      alpha, overflow)
     field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
                               geometry, kinks)  # fmt: skip
     # The side test above takes lambda as fixed; lambda re-optimised with the chosen alphas can
@@ -206,16 +211,33 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     # problem, L = 2: one pair then chattered, released and landed on again every step). Such a
     # pair is held as well. Holding is always safe for the margins (every held pair only
     # constrains the min-norm problem: the margins of E still rise at ||v||^2 / (L q_min)).
+    # Holding some can turn others back (L = 3: a pair then drifted the wrong way at a steady
+    # rate, landed on step after step): repeated until none turns, at most _WRONG_WAY_ROUNDS.
     rows = _tangent(rows, unit)  # the last round's (zero off on_slot)
-    rates = rows @ field.dtheta
-    in_e = (field.weights > WEIGHT_FLOOR)[slots // (P // field.weights.shape[0])]
     side = jnp.where(alpha > 0.5, 1.0, -1.0)
-    tiny = _RATE_FLOOR * jnp.linalg.norm(rows, axis=1) * jnp.linalg.norm(field.dtheta)
-    wrong_way = on_slot & ~hold & in_e & (side * rates < -tiny)
-    kinks = kinks._replace(hold=hold | wrong_way)
-    field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, field.weights,
-                              geometry, kinks)  # fmt: skip
+
+    def wrong_way(field, kinks):
+        rates = rows @ field.dtheta
+        in_e = (field.weights > WEIGHT_FLOOR)[slots // (P // field.weights.shape[0])]
+        tiny = _RATE_FLOOR * jnp.linalg.norm(rows, axis=1) * jnp.linalg.norm(field.dtheta)
+        return on_slot & ~kinks.hold & in_e & (side * rates < -tiny)
+
+    def hold_more(state):
+        field, kinks, turned, rounds = state
+        kinks = kinks._replace(hold=kinks.hold | turned)
+        field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of,
+                                  field.weights, geometry, kinks)  # fmt: skip
+        return field, kinks, wrong_way(field, kinks), rounds + 1
+
+    field, kinks, _, _ = jax.lax.while_loop(
+        lambda state: jnp.any(state[2]) & (state[3] < _WRONG_WAY_ROUNDS), hold_more,
+        (field, kinks, wrong_way(field, kinks), 0))  # fmt: skip
     return field, kinks
+
+
+def _unit_scale(z, n):
+    """Per pair, the largest |z| of its unit over the n examples (pairs are example-major)."""
+    return jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
 
 
 def _held_pairs(geometry, kinks):
@@ -240,7 +262,7 @@ def equalize(margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=No
             k = min(candidates, geometry.num_pairs)
             slots = jnp.nonzero(held, size=k, fill_value=0)[0]
             on = jnp.arange(k) < jnp.sum(held)
-            kink_rows = _tangent(geometry.rows(unit, slots), unit)
+            kink_rows = _tangent(geometry.rows(unit, slots, kinks.gates), unit)
             norms = jnp.maximum(jnp.linalg.norm(kink_rows, axis=1), 1e-300)
             z = geometry.preactivations(unit)[slots]
             rows = jnp.concatenate([rows, kink_rows / norms[:, None]])
@@ -323,7 +345,8 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
     aux0 = aux_at(s0, tau0, field0)
     carry = ros._Carry(
         x=jnp.asarray(s0, dtype), y=theta0, aux=aux0, z=weights0,
-        h=jnp.asarray(options.first_step, dtype), index=num_initial,
+        h=jnp.asarray(options.first_step, dtype), h_resume=jnp.zeros((), dtype),
+        index=num_initial,
         xs=jnp.where(save_xs <= s0, s0, save_xs), ys=jnp.broadcast_to(theta0, (S,) + theta0.shape),
         auxs=jnp.broadcast_to(aux0, (S, 2)), saved=jnp.zeros(S, bool),
         steps=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
@@ -358,25 +381,31 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         # examples cross freely (lambda_i = 0: they do not enter the velocity).
         h_kink, landed_kinks, held = jnp.inf, jnp.asarray(True), None
         if geometry is not None:
-            z0 = geometry.preactivations(c.y / jnp.linalg.norm(c.y))
+            # z and dz/ds at the start (a JVP: the quadratic guess of kink_crossings).
+            z0, rate0 = jax.jvp(lambda t: geometry.preactivations(t / jnp.linalg.norm(t)),
+                                (c.y,), (F1.dtheta,))  # fmt: skip
             z1 = geometry.preactivations(theta_new / jnp.linalg.norm(theta_new))
             scale = jnp.maximum(jnp.mean(jnp.abs(z1)), 1e-300)
             in_e = jnp.repeat(active, pairs_per_example)
             # Off their kinks: a change of sign is a crossing. On them and not held: the pair
             # leaves to the side of its alpha in {0, 1}; the side test is instantaneous, and one
-            # that moves the other way by more than kink_landing is landed too (then held).
+            # that ends on the other side, beyond half the on-kink band, is landed within the
+            # band and held. (A landing at kink_landing past z = 0 instead made pairs with a
+            # near-zero rate, released and drifting back by ~1e-9, chatter on the reference
+            # problem, L = 3: ~40% of the steps were landings of ~1e-7.)
             crossed, too_far, h_cross = ros.kink_crossings(
-                z0, z1, in_e & ~kinks.on_kink, options.kink_landing * scale, h)
+                z0, z1, in_e & ~kinks.on_kink, options.kink_landing * scale, h, rate0)
             side = jnp.zeros_like(z0).at[kinks.slots].set(jnp.where(kinks.alpha > 0.5, 1.0, -1.0))
             leaving = in_e & kinks.on_kink & ~_held_pairs(geometry, kinks)
-            back = leaving & (side * (z1 - z0) < 0)
-            back_too_far = back & (jnp.abs(z1 - z0) > options.kink_landing * scale)
-            h_back = h * 0.5 * options.kink_landing * scale / jnp.maximum(jnp.abs(z1 - z0),
-                                                                            1e-300)
+            band = options.on_kink * _unit_scale(z0, active.shape[0])
+            back = leaving & (side * z1 < -0.5 * band)
+            back_too_far = leaving & (side * z1 < -band)
+            # A linear guess that ends 3/4 of the way to the band's edge.
+            h_back = h * jnp.maximum(side * z0 + 0.75 * band, 1e-3 * band) / jnp.maximum(
+                side * (z0 - z1), 1e-300)
             h_kink = jnp.minimum(h_cross, jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
             crossed = crossed | back
-            too_far = too_far | back_too_far
-            landed_kinks = ~jnp.any(too_far)
+            landed_kinks = ~jnp.any(too_far | back_too_far)
             held = _held_pairs(geometry, kinks) | crossed
         theta_new = equalize(margins_and_grads, theta_new, active, geometry=geometry, kinks=kinks,
                              held=held, candidates=options.candidates)  # fmt: skip
@@ -410,15 +439,17 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         aux_new = aux_at(x_new, tau_new, end)
         finite = finite & jnp.all(jnp.isfinite(aux_new))
         accept = (err <= 1.0) & landed & finite
+        overflow = jnp.asarray(False) if kinks is None else kinks.overflow
+        accept = accept & ~overflow
 
         factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** -0.2, 0.2, 5.0)
-        h_next = jnp.where(accept, jnp.where(clipped, jnp.maximum(c.h, h * factor), h * factor),
-                           jnp.minimum(h * jnp.minimum(factor, 1.0), h_land))  # fmt: skip
+        h_next, h_resume = ros.next_step(c, accept, clipped, h, factor, h_land,
+                                         (err <= 1.0) & finite)
         num_held = jnp.sum(active) if geometry is None else jnp.sum(kinks.hold)
         new = c._replace(
             x=jnp.where(accept, x_new, c.x), y=jnp.where(accept, theta_new, c.y),
             aux=jnp.where(accept, aux_new, c.aux), z=jnp.where(accept, F1.weights, c.z),
-            h=h_next, steps=c.steps + accept, rejected=c.rejected + ~accept,
+            h=h_next, h_resume=h_resume, steps=c.steps + accept, rejected=c.rejected + ~accept,
             max_sliding=jnp.maximum(c.max_sliding, num_held.astype(jnp.int32)),
         )  # fmt: skip
         at_save = accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
@@ -429,8 +460,9 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         converged = (direction_tol > 0) & (jnp.linalg.norm(F1.dtheta) < direction_tol)
         collapsed = h_next < 1e-14 * (1.0 + jnp.abs(c.x))
         outcome = jnp.select(
-            [accept & (x_new >= s_end), converged, collapsed, new.steps + new.rejected >= max_steps],
-            [ros.REACHED_END, ros.CONVERGED, ros.FAILED, ros.OUT_OF_STEPS],
+            [overflow, accept & (x_new >= s_end), converged, collapsed,
+             new.steps + new.rejected >= max_steps],
+            [ros.KINK_OVERFLOW, ros.REACHED_END, ros.CONVERGED, ros.FAILED, ros.OUT_OF_STEPS],
             -1,
         )
         new = new._replace(outcome=outcome)

@@ -12,6 +12,7 @@ DIRECTION_CONVERGED = 1
 MAX_STEPS = 2
 SOLVER_FAILED = 3
 NOT_SEPARATED = 4
+TOO_MANY_KINKS = 5
 
 STATUS_MESSAGES = {
     REACHED_TARGET: "reached the target (beta_max or s_max)",
@@ -21,6 +22,8 @@ STATUS_MESSAGES = {
     " the outputs stop at the last good point",
     NOT_SEPARATED: "the soft margin never became positive within tau_max / max_steps:"
     " the model did not separate the data",
+    TOO_MANY_KINKS: "more ReLU pre-activations sat on their kinks than the integrator examines"
+    " (its `candidates` option); the outputs stop at the last good point",
 }
 
 
