@@ -44,6 +44,54 @@ def test_tangent_projector_is_the_orthogonal_projection(rng):
     np.testing.assert_allclose(np.asarray(project(jnp.asarray(v))), reference @ v, atol=1e-12)
 
 
+def test_kink_crossing_guesses_land_past_the_kink():
+    """kink_crossings' landing step: linear in z without a start rate; with the start rate, the
+    root of the quadratic through z0, z'(0) and z1 (exact for a quadratic path: it ends
+    landing / 2 past the kink); pairs that do not cross, or end within `landing`, give none."""
+    h, landing = 0.5, 1e-9
+    z0 = jnp.array([1.0, -2.0, 3.0, 1e-10 + 1e-12])
+    rate0 = jnp.array([-1.0, 1.0, 0.5, -1e-10])
+    curvature = jnp.array([-4.0, 20.0, 0.0, 0.0])  # z(t) = z0 + rate0 t + curvature t^2
+
+    def z_at(t):
+        return z0 + rate0 * t + curvature * t**2
+
+    free = jnp.ones(4, bool)
+    crossed, too_far, h_quad = ros.kink_crossings(z0, z_at(h), free, landing, h, rate0)
+    assert list(np.asarray(crossed)) == [True, True, False, True]  # the last ends within landing
+    assert list(np.asarray(too_far)) == [True, True, False, False]
+    # The earliest crossing (pair 1: -2 + t + 20 t^2 = landing / 2), then the linear guess.
+    expected = (-1.0 + np.sqrt(1.0 + 80.0 * (2.0 + 0.5 * landing))) / 40.0
+    assert float(h_quad) == pytest.approx(expected, rel=1e-12)
+    assert float(z_at(h_quad)[1]) == pytest.approx(0.5 * landing, abs=1e-14)
+    _, _, h_linear = ros.kink_crossings(z0, z_at(h), free, landing, h)
+    start, end = np.abs(np.asarray(z0)), np.abs(np.asarray(z_at(h)))
+    assert float(h_linear) == pytest.approx(float(np.min(
+        h * (start[:2] + 0.5 * landing) / (start[:2] + end[:2]))), rel=1e-12)
+
+
+def test_kink_step_reports_more_kinks_than_slots():
+    """More pairs on their kinks than `candidates` slots: the step says so (the integrators
+    then stop with TOO_MANY_KINKS) instead of dropping pairs silently."""
+    from jaxmargin._flow._kink_geometry import kink_geometry, per_example_margins
+
+    predictor = jm.relu_mlp(3, 4)
+    params = predictor.init(jax.random.key(0), 3)
+    X = jax.random.normal(jax.random.key(1), (5, 3))
+    y = jnp.sign(X.sum(axis=1))
+    w, unravel = ravel_pytree(params)
+    geometry = kink_geometry(predictor, unravel, X, y, w)
+    assert geometry.hidden_layers == 2
+    z = geometry.preactivations(w).at[jnp.array([0, 9, 17])].set(0.0)
+    on_kinks = int(jnp.sum(z == 0.0))  # those three, and units some examples leave dead
+    margins_and_grads = per_example_margins(predictor, unravel, X, y)
+    for candidates, overflow in ((on_kinks - 1, True), (on_kinks, False)):
+        step = ros.kink_step(geometry, margins_and_grads, ros.Clock(False, 3),
+                             ros.RosenbrockOptions(candidates=candidates), 0.0, w, z)
+        assert bool(step.overflow) is overflow
+    assert codes.STATUS_MESSAGES[codes.TOO_MANY_KINKS].startswith("more ReLU")
+
+
 def test_exp_trapezoid_exact_for_linear_exponents():
     h, a, b = 0.3, -2.0, 5.0
     exact = h * (np.exp(b) - np.exp(a)) / (b - a)

@@ -397,7 +397,11 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
                 z0, z1, in_e & ~kinks.on_kink, options.kink_landing * scale, h, rate0)
             side = jnp.zeros_like(z0).at[kinks.slots].set(jnp.where(kinks.alpha > 0.5, 1.0, -1.0))
             leaving = in_e & kinks.on_kink & ~_held_pairs(geometry, kinks)
-            band = options.on_kink * _unit_scale(z0, active.shape[0])
+            # Floored at the crossings' landing tolerance: units that no example uses decay
+            # (their own scale reached 1e-25 on the reference problem, L = 2, by s ~ 400), and a
+            # band relative to it alone asked for landings of 1e-14 (the step size collapsed).
+            band = jnp.maximum(options.on_kink * _unit_scale(z0, active.shape[0]),
+                               options.kink_landing * scale)
             back = leaving & (side * z1 < -0.5 * band)
             back_too_far = leaving & (side * z1 < -band)
             # A linear guess that ends 3/4 of the way to the band's edge.
