@@ -404,7 +404,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
                                options.kink_landing * scale)
             back = leaving & (side * z1 < -0.5 * band)
             back_too_far = leaving & (side * z1 < -band)
-            # A linear guess that ends 3/4 of the way to the band's edge.
+            # A linear guess that ends 3/4 of the band past the kink, on the wrong side.
             h_back = h * jnp.maximum(side * z0 + 0.75 * band, 1e-3 * band) / jnp.maximum(
                 side * (z0 - z1), 1e-300)
             h_kink = jnp.minimum(h_cross, jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
