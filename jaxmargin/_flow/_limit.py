@@ -187,8 +187,7 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     # theta, and by s ~ 240 (beta ~ 1e208, L = 2) a global scale counted ~100 of their pairs as
     # on their kinks, crowding the real ones out of the `candidates` slots.
     on = jnp.abs(z) <= options.on_kink * _unit_scale(z, weights0.shape[0])
-    slots, on_slot, on_kink = ros.on_kink_slots(z, on, k)
-    overflow = jnp.sum(on) > k
+    slots, on_slot, on_kink, overflow = ros.on_kink_slots(z, on, k)
     alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
     hold = jnp.zeros(k, bool)
     for _ in range(_KINK_ROUNDS):

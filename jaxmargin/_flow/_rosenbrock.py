@@ -362,10 +362,10 @@ def _first_root(c, b, a, fallback):
 
 def on_kink_slots(z, on, k):
     """The first k pairs with `on` set, compacted (top_k over a few thousand pairs costs ~0.6 ms
-    on a CPU): (slots (k,), on_slot (k,) bool, on_kink (P,) bool)."""
+    on a CPU): (slots (k,), on_slot (k,) bool, on_kink (P,) bool, overflow: more than k on)."""
     slots = jnp.nonzero(on, size=k, fill_value=0)[0]
     on_slot = jnp.arange(k) < jnp.sum(on)
-    return slots, on_slot, jnp.zeros(z.shape[0], bool).at[slots].max(on_slot)
+    return slots, on_slot, jnp.zeros(z.shape[0], bool).at[slots].max(on_slot), jnp.sum(on) > k
 
 
 def frozen_gates(geometry: KinkGeometry, z, slots, on_slot, alpha):
@@ -395,8 +395,7 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     P = geometry.num_pairs
     k = min(options.candidates, P)
     scale = jnp.maximum(jnp.mean(jnp.abs(z)), 1e-300)
-    on = jnp.abs(z) <= options.on_kink * scale
-    slots, on_slot, on_kink = on_kink_slots(z, on, k)
+    slots, on_slot, on_kink, overflow = on_kink_slots(z, jnp.abs(z) <= options.on_kink * scale, k)
     y_unit = y / jnp.linalg.norm(y) if clock.polar else y
 
     def clarke_element(_):
@@ -423,7 +422,7 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     sliding = jnp.zeros(P, bool).at[slots].max(slides)
     projector = tangent_projector(rows, slides)
     return _KinkStep(gates, projector, sliding, on_kink, jnp.sum(slides).astype(jnp.int32),
-                     jnp.sum(on) > k)
+                     overflow)
 
 
 def project_onto_kinks(geometry: KinkGeometry, clock, options, y, hold, keep, keep_mask, gates,
