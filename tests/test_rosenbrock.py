@@ -44,6 +44,53 @@ def test_tangent_projector_is_the_orthogonal_projection(rng):
     np.testing.assert_allclose(np.asarray(project(jnp.asarray(v))), reference @ v, atol=1e-12)
 
 
+def test_projected_in_row_space_matches_the_projector(rng):
+    rows = rng.normal(size=(6, 11)) * np.geomspace(1.0, 1e3, 6)[:, None]
+    active = np.array([True, False, True, True, False, True])
+    project = ros.tangent_projector(jnp.asarray(rows), jnp.asarray(active))
+    in_rows = ros.projected_in_row_space(jnp.asarray(rows @ rows.T), jnp.asarray(active))
+    V = rng.normal(size=(11, 3))
+    expected = rows @ np.asarray(jax.vmap(project, in_axes=1, out_axes=1)(jnp.asarray(V)))
+    scale = np.abs(rows @ V).max()
+    np.testing.assert_allclose(np.asarray(in_rows(jnp.asarray(rows @ V))), expected,
+                               atol=1e-12 * scale)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(in_rows(jnp.asarray(rows @ V[:, 0]))), expected[:, 0],
+                               atol=1e-12 * scale)  # fmt: skip
+    # The active rows are projected out exactly.
+    assert np.abs(expected[active]).max() <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("k, conditioning, rank_deficient",
+                         [(4, 0.0, False), (16, 1.0, False), (64, 3.0, False), (128, 0.0, False),
+                          (64, 3.0, True), (128, 1.0, True)])  # fmt: skip
+def test_box_qp_matches_scipy_bounded_least_squares(k, conditioning, rank_deficient, rng):
+    """box_qp(C^T C, C^T d) is the bounded least-squares problem min ||C b + d|| that
+    scipy.optimize.lsq_linear solves independently; compared at the optimum's objective (the
+    argmin need not be unique) and its residual vector (which is). Column scales spread by
+    e^(3 N(0, 1)) and Grams of rank k / 2: before the active-set finish, 6e-2 (relative) above
+    the optimum on the first and up to 1e21 on the second."""
+    from scipy.optimize import lsq_linear
+
+    from jaxmargin._flow._box_qp import box_qp
+
+    rows = k // 2 + 1 if rank_deficient else 2 * k + 3
+    for trial in range(3):
+        C = rng.normal(size=(rows, k)) * np.exp(conditioning * rng.normal(size=k))
+        d = rng.normal(size=rows) * 3.0
+        lo = np.where(rng.random(k) < 0.3, 0.0, -rng.random(k))
+        hi = rng.random(k) + 0.1
+        free = rng.random(k) < 0.9
+        b = np.asarray(box_qp(jnp.asarray(C.T @ C), jnp.asarray(C.T @ d), jnp.asarray(lo),
+                              jnp.asarray(hi), jnp.asarray(free), 300))  # fmt: skip
+        assert np.all(b >= np.where(free, lo, 0.0) - 1e-15)
+        assert np.all(b <= np.where(free, hi, 0.0) + 1e-15)
+        reference = lsq_linear(C[:, free], -d, bounds=(lo[free], hi[free]), tol=1e-14,
+                               method="bvls").x  # fmt: skip
+        ours, theirs = C @ b + d, C[:, free] @ reference + d
+        assert ours @ ours <= theirs @ theirs + 1e-10 * max(theirs @ theirs, 1e-6 * d @ d)
+        np.testing.assert_allclose(ours, theirs, atol=1e-6 * np.linalg.norm(d))
+
+
 def test_kink_crossing_guesses_land_past_the_kink():
     """kink_crossings' landing step: linear in z without a start rate; with the start rate, the
     root of the quadratic through z0, z'(0) and z1 (exact for a quadratic path: it ends
