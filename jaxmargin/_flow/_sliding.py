@@ -42,6 +42,10 @@ class SlidingOptions(NamedTuple):
     qp_iterations: int = 500
 
 
+# Slots of the smaller Clarke element (see make_velocity).
+_FEW_SLOTS = 16
+
+
 class Velocity(NamedTuple):
     g: jax.Array  # sum_i p_i grad m_i (the Filippov element on sliding kinks)
     margins: jax.Array
@@ -129,31 +133,40 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
             p = weights_fn(m)
             return Velocity(pullback(p)[0], m, p, jnp.sum(mask).astype(jnp.int32))
 
-        def on_kinks(_):
-            # The near pairs compacted into k slots (top_k over a few thousand pairs costs
-            # ~0.7 ms on a CPU); beyond k of them, the k nearest.
-            index = jnp.nonzero(near_all, size=k, fill_value=0)[0]
-            index = jax.lax.cond(count > k,
-                                 lambda: jax.lax.top_k(-relative, k)[1].astype(index.dtype),
-                                 lambda: index)  # fmt: skip
-            near = jnp.arange(k) < count
-            sign_rule = (z[index] > 0).astype(z.dtype)
-            # g(alpha) = g0 + C (alpha - alpha0): the Clarke set of the near kinks (exact for
-            # one hidden layer, linearised for deeper nets).
-            flat_mask, flat_alpha = scatter(index, sign_rule, near)
-            g0, C = clarke_columns(w, weights_fn, flat_mask, flat_alpha, index, shapes)
-            C = jnp.where(near[None, :], C, 0.0)
-            alpha = box_least_squares(C, g0 - C @ sign_rule, near, sliding.qp_iterations)
-            interior = near & (alpha > 0.0) & (alpha < 1.0)
-            v = at(index, jnp.where(near, alpha, sign_rule), near)
-            return v._replace(num_sliding=jnp.sum(interior).astype(jnp.int32))
+        def on_kinks(slots):
+            def clarke_element(_):
+                # The near pairs compacted into `slots` (top_k over a few thousand pairs costs
+                # ~0.7 ms on a CPU); beyond k of them, the k nearest.
+                index = jnp.nonzero(near_all, size=slots, fill_value=0)[0]
+                if slots == k:
+                    index = jax.lax.cond(
+                        count > k, lambda: jax.lax.top_k(-relative, k)[1].astype(index.dtype),
+                        lambda: index)  # fmt: skip
+                near = jnp.arange(slots) < count
+                sign_rule = (z[index] > 0).astype(z.dtype)
+                # g(alpha) = g0 + C (alpha - alpha0): the Clarke set of the near kinks (exact
+                # for one hidden layer, linearised for deeper nets).
+                flat_mask, flat_alpha = scatter(index, sign_rule, near)
+                g0, C = clarke_columns(w, weights_fn, flat_mask, flat_alpha, index, shapes)
+                C = jnp.where(near[None, :], C, 0.0)
+                alpha = box_least_squares(C, g0 - C @ sign_rule, near, sliding.qp_iterations)
+                interior = near & (alpha > 0.0) & (alpha < 1.0)
+                v = at(index, jnp.where(near, alpha, sign_rule), near)
+                return v._replace(num_sliding=jnp.sum(interior).astype(jnp.int32))
+
+            return clarke_element
 
         def off_kinks(_):
             none = jnp.zeros(1, bool)
             return at(jnp.zeros(1, jnp.int32), jnp.zeros(1, z.dtype), none)
 
-        # The Clarke element costs ~10x a plain evaluation: skip it when no kink is near.
-        return jax.lax.cond(count > 0, on_kinks, off_kinks, None)
+        # The Clarke element costs ~2-10x a plain evaluation, growing with its slots: none when
+        # no kink is near, _FEW_SLOTS when few are (phase 1 on the reference problem, L = 3,
+        # never had more than 19 near pairs and half of its evaluations <= 4; one evaluation
+        # with 64 slots: 1.05 ms, with 16: 0.54 ms). The second size costs ~1 s of compilation.
+        sizes = sorted({min(_FEW_SLOTS, k), k})
+        branch = jnp.where(count == 0, 0, 1 + jnp.sum(count > jnp.asarray(sizes[:-1])))
+        return jax.lax.switch(branch, [off_kinks] + [on_kinks(slots) for slots in sizes], None)
 
     return velocity
 
