@@ -160,9 +160,9 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
             none = jnp.zeros(1, bool)
             return at(jnp.zeros(1, jnp.int32), jnp.zeros(1, z.dtype), none)
 
-        # The Clarke element costs ~2-10x a plain evaluation, growing with its slots: none when
+        # The Clarke element costs ~6-12x a plain evaluation, growing with its slots: none when
         # no kink is near, _FEW_SLOTS when few are (phase 1 on the reference problem, L = 3,
-        # never had more than 19 near pairs and half of its evaluations <= 4; one evaluation
+        # never had more than 19 near pairs and half of its evaluations <= 7; one evaluation
         # with 64 slots: 1.05 ms, with 16: 0.54 ms). The second size costs ~1 s of compilation.
         sizes = sorted({min(_FEW_SLOTS, k), k})
         branch = jnp.where(count == 0, 0, 1 + jnp.sum(count > jnp.asarray(sizes[:-1])))
