@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ._box_qp import box_qp
+from ._rosenbrock import on_kink_slots
 
 
 class SlidingOptions(NamedTuple):
@@ -135,14 +136,12 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
 
         def on_kinks(slots):
             def clarke_element(_):
-                # The near pairs compacted into `slots` (top_k over a few thousand pairs costs
-                # ~0.7 ms on a CPU); beyond k of them, the k nearest.
-                index = jnp.nonzero(near_all, size=slots, fill_value=0)[0]
+                # The near pairs compacted into `slots`; beyond k of them, the k nearest.
+                index, near, _, _ = on_kink_slots(z, near_all, slots)
                 if slots == k:
                     index = jax.lax.cond(
                         count > k, lambda: jax.lax.top_k(-relative, k)[1].astype(index.dtype),
                         lambda: index)  # fmt: skip
-                near = jnp.arange(slots) < count
                 sign_rule = (z[index] > 0).astype(z.dtype)
                 # g(alpha) = g0 + C (alpha - alpha0): the Clarke set of the near kinks (exact
                 # for one hidden layer, linearised for deeper nets).
