@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.optimize import OptimizeResult, linprog, nnls
+from scipy.optimize import OptimizeResult, linprog
+
+from ._nnls import verified_nnls
 
 __all__ = [
     "MaxMarginSolution",
@@ -81,55 +83,6 @@ def _summarize(G: np.ndarray, direction: np.ndarray) -> MaxMarginSolution:
     return MaxMarginSolution(direction, margin, support)
 
 
-def _nnls_is_optimal(A: np.ndarray, b: np.ndarray, x: np.ndarray, tol: float = 1e-9) -> bool:
-    """NNLS KKT: the negative gradient A^T (b - A x) is <= 0, and 0 where x > 0."""
-    descent = A.T @ (b - A @ x)
-    return bool(np.all(x >= 0) and np.all(descent <= tol) and np.all(np.abs(descent[x > 0]) <= tol))
-
-
-def _lawson_hanson_nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Textbook Lawson & Hanson (1974, ch. 23) active-set NNLS, with lstsq subproblems."""
-    n = A.shape[1]
-    tol = 10 * np.finfo(float).eps * max(A.shape) * max(np.abs(A).sum(axis=0).max(), 1.0)
-    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
-    for _ in range(10 * n + 100):
-        descent = np.where(passive, -np.inf, A.T @ (b - A @ x))
-        entering = int(np.argmax(descent))
-        if passive.all() or descent[entering] <= tol:
-            return x
-        passive[entering] = True
-        while True:  # Inner loop: step back towards x until the LS solution is positive.
-            z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
-            if np.all(z[passive] > tol):
-                x = z
-                break
-            blocking = passive & (z <= tol)
-            x = x + np.min(x[blocking] / (x[blocking] - z[blocking])) * (z - x)
-            passive &= x > tol
-            x[~passive] = 0.0
-    raise RuntimeError("Lawson-Hanson NNLS did not converge")
-
-
-def _verified_nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """scipy's NNLS, checked against the KKT conditions.
-
-    scipy's re-implemented ``nnls`` (>= 1.12) can stop early at a non-optimal point on
-    degenerate problems (observed on 1.17 with many tied support vectors; cf. scipy
-    issues #21140, #25389), so a failed check falls back to the textbook algorithm.
-    """
-    try:
-        x = nnls(A, b, maxiter=max(100, 20 * A.shape[1]))[0]
-        if _nnls_is_optimal(A, b, x):
-            return x
-    except (RuntimeError, np.linalg.LinAlgError):  # iteration limit; singular subproblem
-        pass
-    x = _lawson_hanson_nnls(A, b)
-    if not _nnls_is_optimal(A, b, x):
-        raise RuntimeError("NNLS did not reach a KKT point; the SVM reference is unreliable here")
-    return x
-
-
 def svm_direction(X: Any, y: Any) -> MaxMarginSolution:
     """Bias-free L2 hard-margin SVM: ``min ||w||_2  s.t.  y_i <w, x_i> >= 1``.
 
@@ -174,7 +127,7 @@ def svm_direction(X: Any, y: Any) -> MaxMarginSolution:
     E = np.vstack([Z.T, np.ones((1, n))])
     f = np.zeros(d + 1)
     f[-1] = 1.0
-    u = _verified_nnls(E, f)
+    u = verified_nnls(E, f)
     r = E @ u - f
     if not r[-1] < 0:
         raise ValueError(_NOT_SEPARABLE)

@@ -130,16 +130,22 @@ def test_relu_kkt_point_on_a_kink_needs_the_clarke_hull():
     # Autodiff alone: columns s_A = (0,0, 1,0, 0,1) (relu'(0) = 0) or (1/2,0, 1,0, 0,1) (= 1)
     # and s_B = (-1,2, 0,0, 2,0) against w~ = (0,1/2, 1,0, 1/2,1): residual² / ||w~||² is
     # (5/2 - 2 - 4/9) / (5/2) = 1/45, and (5/2 - 2 * 49/40) / (5/2) = 1/50 (2x2 normal equations).
-    autodiff_only = kkt_certificate(predictor, params, X, y, clarke_samples=0)
+    autodiff_only = kkt_certificate(predictor, params, X, y, clarke_samples=0, gate_sweeps=0)
     assert autodiff_only.stationarity == pytest.approx(1 / np.sqrt(45), rel=1e-10)
     right_side = jm.relu_mlp(2, 2, relu_grad_at_zero=1.0)
-    one_sided = kkt_certificate(right_side, params, X, y, clarke_samples=0)
+    one_sided = kkt_certificate(right_side, params, X, y, clarke_samples=0, gate_sweeps=0)
     assert one_sided.stationarity == pytest.approx(1 / np.sqrt(50), rel=1e-10)
     # The detection does not depend on the convention autodiff happens to use.
     assert kkt_certificate(right_side, params, X, y).stationarity <= 1e-10
     # The Clarke element it needs is relu'(0) = 1/2.
     middle = jm.relu_mlp(2, 2, relu_grad_at_zero=0.5)
-    assert kkt_certificate(middle, params, X, y, clarke_samples=0).stationarity <= 1e-12
+    assert kkt_certificate(middle, params, X, y, clarke_samples=0,
+                           gate_sweeps=0).stationarity <= 1e-12  # fmt: skip
+    # Without sampling, the gate fit finds that element itself: the gate of (A, unit 1) is the
+    # one free variable, and lambda and relu'(0) = 1/2 are the solution above.
+    gated = kkt_certificate(predictor, params, X, y, clarke_samples=0)
+    assert gated.stationarity <= 1e-10
+    np.testing.assert_allclose(gated.multipliers, [1.0, 0.25, 0.0], atol=1e-9)
 
 
 def test_relu_net_representing_the_svm_is_kkt_away_from_kinks():

@@ -14,8 +14,8 @@ import pytest
 from scipy.optimize import nnls
 from sklearn.svm import SVC
 
+from jaxmargin._nnls import _lawson_hanson_nnls
 from jaxmargin._references_linear import (
-    _lawson_hanson_nnls,
     l1_max_margin,
     l1_max_margin_is_unique,
     soudry_dataset,
