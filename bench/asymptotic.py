@@ -16,9 +16,9 @@ in l2; for the diagonal net the l1 max-margin direction, both l1-normalised, in 
 
 ReLU cases (no exact limit is known): after the table row, the flow's last point is continued on
 jm.limit_flow until ||dtheta/ds|| < 1e-7 (or --kkt-steps), and kkt_certificate (sampled Clarke
-elements and the gate fit, NNLS) is printed for the engine's last point and for the converged one;
-not continued
-when the engine stopped before beta = 1e6 (the limit flow would not be the flow there).
+elements and the gate fit, NNLS) is printed for the engine's last point and for the converged
+one; not continued when the engine stopped before beta = 1e6 (the limit flow would not be the
+flow there).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Non-negative least squares and its relatives, by finite active-set methods (Lawson & Hanson 1974).
+"""Non-negative least squares and relatives, by finite active-set methods (Lawson & Hanson 1974).
 
 - `best_nnls`: min ||A x - b|| over x >= 0 (scipy, checked, with a textbook fallback).
 - `verified_nnls`: the same, raising when no candidate meets the KKT conditions (references).

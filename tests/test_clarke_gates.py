@@ -111,7 +111,8 @@ def test_gate_fit_against_the_vertices_of_the_clarke_sets(depth):
     of the gates is one of those limiting gradients."""
     predictor, params, X, y, kinks = _kinked_problem(depth)
     kinked = kinked_units(predictor, params, X, 1e-9)
-    found = {(i, layer, unit) for layer, mask in enumerate(kinked) for i, unit in zip(*np.nonzero(mask))}
+    found = {(i, layer, unit) for layer, mask in enumerate(kinked)
+             for i, unit in zip(*np.nonzero(mask))}  # fmt: skip
     assert found == {(i, layer, unit) for i, units in kinks.items() for layer, unit in units}
 
     columns, vertices = [], {}
@@ -141,7 +142,8 @@ def test_gate_fit_against_the_vertices_of_the_clarke_sets(depth):
             masks[layer][unit], alphas[layer][unit] = True, float(sign > 0)
         gates = tuple((jnp.asarray(m), jnp.asarray(a)) for m, a in zip(masks, alphas))
         gated = jax.grad(lambda v: y[i] * predictor.kinks.gated_apply(unravel(v), X[i], gates))(w)
-        np.testing.assert_allclose(np.asarray(gated), expected, atol=1e-7 * np.linalg.norm(expected))
+        np.testing.assert_allclose(np.asarray(gated), expected,
+                                   atol=1e-7 * np.linalg.norm(expected))  # fmt: skip
 
 
 def test_gate_fit_recovers_an_element_of_the_cone():
