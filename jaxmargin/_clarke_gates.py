@@ -17,11 +17,17 @@ kinks (2^K vertices). Here: with the gates of all hidden layers but one fixed, s
 is affine in that layer's gates, and with mu = lambda_i g the problem is a least-squares problem
 with linear inequalities (lambda >= 0, 0 <= mu_k <= lambda_i), solved by a finite method (Lawson &
 Hanson's LSI -> LDP -> NNLS). One hidden layer: that is the exact minimum over the Clarke sets.
-Deeper nets: block coordinate descent over the layers, each block exact; the result is a local
-minimum, and the residual of any lambda >= 0 and gates in [0, 1] is a valid upper bound.
+Deeper nets: block coordinate descent over the layers, each block exact; it stops where no
+layer's block improves the residual by more than the stopping tolerance (not necessarily a
+minimum), and the residual of any lambda >= 0 and gates in [0, 1] is a valid upper bound.
 
 Units count as on their kinks within a first-order distance radius * ||w|| of them (|z| <=
-radius ||w|| ||grad z||): the gated gradients are then Clarke elements at a point that close to w.
+radius ||w|| ||grad z||), the band in which _kkt.py's gradient sampling sees them too. For such a
+unit with z != 0 the gated gradients at w are the Clarke elements of a nearby point where it is
+exactly on its kink (within radius ||w|| per unit; further when one row is on its kink for
+several examples at a small angle), up to the change of the gradients over that distance: the
+certificate is exact for units exactly on their kinks (the limit flow holds its sliding pairs at
+|z| ~ 1e-16 relative) and approximate to that order for the others.
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ def _gate_arrays(kinked, gates):
 
 def _best_layer_gates(A_fixed, C, owner, b):
     """One block: min over lambda >= 0 and 0 <= mu <= lambda[owner] of
-    ||A_fixed lambda + C mu - b|| (columns scaled to unit norm inside). Returns (lambda, mu)."""
+    ||A_fixed lambda + C mu - b|| (columns scaled to unit norm inside). Returns (lambda, mu,
+    fitted): negligible gate columns are left out (mu = 0, fitted False: their gates are free)."""
     n, K = A_fixed.shape[1], C.shape[1]
     columns = np.hstack([A_fixed, C])
     norms = np.linalg.norm(columns, axis=0)
@@ -102,12 +109,13 @@ def _best_layer_gates(A_fixed, C, owner, b):
             owner[gate_columns - n]]
         coupling[np.arange(gate_columns.size), position[gate_columns]] = -1.0 / scale[gate_columns]
         rows.append(coupling)
-    x_scaled = least_squares_with_inequalities(columns[:, kept] / scale[kept], b, np.vstack(rows))
+    x_scaled = least_squares_with_inequalities(columns[:, kept] / scale[kept], b, np.vstack(rows),
+                                                strict=False)  # clipped below
     x = np.zeros(n + K)
     x[kept] = x_scaled / scale[kept]
     lam = np.maximum(x[:n], 0.0)
     mu = np.clip(x[n:], 0.0, lam[owner])
-    return lam, mu
+    return lam, mu, keep[n:]
 
 
 def fit_gates(predictor, params, X, y, target, kinked, sweeps: int = 100,
@@ -151,14 +159,14 @@ def fit_gates(predictor, params, X, y, target, kinked, sweeps: int = 100,
             C = C_full[owner, :, unit].T  # (d, K)
             # s_i is affine in this layer's gates: s_i(g) = a_i + C_i g.
             A_fixed = (S - np.einsum("ndk,nk->nd", C_full, np.where(mask, gates[layer], 0.0))).T
-            lam, mu = _best_layer_gates(A_fixed, C, owner, b)
+            lam, mu, fitted = _best_layer_gates(A_fixed, C, owner, b)
             new = gates[layer].copy()
-            held = lam[owner] > 0
+            held = (lam[owner] > 0) & fitted
             new[owner[held], unit[held]] = mu[held] / lam[owner[held]]
             gates[layer] = np.clip(new, 0.0, 1.0)
             residual, lam, S = evaluate(gates)
             if residual < best_residual:
                 best_residual, best_lam, best_gates = residual, lam, [g.copy() for g in gates]
-        if best_residual > (1.0 - rel_improvement) * start:
+        if best_residual >= (1.0 - rel_improvement) * start:
             break
     return GatedFit(best_residual, best_lam, tuple(best_gates), kinked)

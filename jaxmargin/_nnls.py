@@ -72,13 +72,18 @@ def verified_nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14) -> np.ndarray:
-    """min ||A x - b|| subject to G x >= h (h = 0 by default), A of shape (m, n), m >= n:
-    Lawson & Hanson (1974, ch. 23). A QR factorisation A = Q R turns it into least distance
-    programming in y = R x - Q^T b (||A x - b||^2 = ||y||^2 + const), and that into NNLS on
-    [G R^-1, h~]^T. `ridge` (relative to A's columns, which should be of unit size) keeps R
-    invertible when columns are dependent; it moves the minimiser by O(ridge). Returns x
-    (feasible up to round-off). Raises ValueError if the constraints are infeasible."""
+def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14,
+                                    strict: bool = True) -> np.ndarray:
+    """min ||A x - b|| subject to G x >= h (h = 0 by default), A of shape (m, n): Lawson & Hanson
+    (1974, ch. 23). A QR factorisation of A (with ridge rows sqrt(ridge) I) turns it into least
+    distance programming in y = R x - Q^T b (||A x - b||^2 = ||y||^2 + const), and that into
+    NNLS on [G R^-1, h~]^T. The ridge (relative to A's columns, which should be of unit size)
+    keeps R invertible when columns are dependent: the answer is then the minimiser of the
+    ridged problem, which can be far from a minimiser of the original one in the dependent
+    directions (its value is close: the gate fit, the caller here, re-evaluates it anyway).
+    Returns x. Raises ValueError where the constraints are infeasible, and with `strict` also
+    where x violates them by more than 1e-8 relative (an ill-conditioned R; a caller that
+    projects x back onto the constraints, as the gate fit does, passes strict=False)."""
     n = A.shape[1]
     h = np.zeros(G.shape[0]) if h is None else np.asarray(h, float)
     Q, R = np.linalg.qr(np.vstack([A, np.sqrt(ridge) * np.eye(n)]))
@@ -88,7 +93,13 @@ def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14) -> np
     E = np.vstack([G_tilde.T, h_tilde[None, :]])
     f = np.zeros(n + 1)
     f[-1] = 1.0
+    # Feasible: r = E u - f has r[-1] = -1 / (1 + ||y||^2) < 0 at the optimum; infeasible: r = 0.
     r = E @ best_nnls(E, f) - f
-    if not abs(r[-1]) > 1e-12:
+    if not r[-1] < 0.0:
         raise ValueError("least_squares_with_inequalities: the constraints are infeasible")
-    return solve_triangular(R, Qb - r[:n] / r[-1])
+    x = solve_triangular(R, Qb - r[:n] / r[-1])
+    slack = 1e-8 * (np.abs(G) @ np.abs(x) + np.abs(h) + 1e-300)
+    if strict and np.any(G @ x - h < -slack):
+        raise ValueError("least_squares_with_inequalities: the constraints are infeasible (or "
+                         "too ill-conditioned to meet)")  # fmt: skip
+    return x

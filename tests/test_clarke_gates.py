@@ -1,6 +1,7 @@
 """The gate fit of the KKT certificate (jaxmargin/_clarke_gates.py) and its LSI solver, against
-references that share nothing with them: scipy's SLSQP, KKT multipliers found by NNLS, and
-limiting gradients taken by plain autodiff at points pushed off the kinks."""
+references independent of them: scipy's SLSQP, KKT multipliers found by NNLS, and limiting
+gradients taken by plain autodiff at points pushed off the kinks (brute force over all sign
+patterns)."""
 
 from __future__ import annotations
 
@@ -49,106 +50,139 @@ def test_least_squares_with_inequalities_rejects_infeasible_constraints():
                                         np.array([1.0, 0.0]))  # fmt: skip
 
 
-def _on_kinks(params, X, kinks):
+def _layer_inputs(layers, x, layer, slope):
+    hidden = np.asarray(x)
+    for below in layers[:layer]:
+        z = below @ hidden
+        hidden = np.maximum(z, slope * z)
+    return hidden
+
+
+def _on_kinks(params, X, kinks, slope):
     """params with the pre-activations listed in `kinks` ((example, layer, unit)) exactly 0:
     each unit's incoming row projected off the layer inputs of its examples, layer by layer."""
     layers = [np.array(layer) for layer in params]
     for layer, unit in sorted({(layer, unit) for _, layer, unit in kinks}):
-        inputs = []
-        for example in [i for i, l, u in kinks if (l, u) == (layer, unit)]:
-            hidden = np.asarray(X[example])
-            for below in layers[:layer]:
-                hidden = np.maximum(below @ hidden, 0.0)
-            inputs.append(hidden)
+        inputs = [_layer_inputs(layers, X[i], layer, slope)
+                  for i, l, u in kinks if (l, u) == (layer, unit)]  # fmt: skip
         basis = np.linalg.qr(np.array(inputs).T)[0]
         row = layers[layer][unit]
         layers[layer][unit] = row - basis @ (basis.T @ row)
     return tuple(jnp.asarray(layer) for layer in layers)
 
 
-def _limiting_gradient(predictor, params, x, kinks, signs, eps=1e-9):
+def _limiting_gradient(predictor, params, x, kinks, signs, slope, eps=1e-9):
     """Plain autodiff gradient of f(x; .) at a point where each unit of `kinks` ((layer, unit),
     layers in order) has pre-activation sign * eps: rows moved along that layer's input, layer
     after layer. Away from other kinks this is the limiting gradient of that sign pattern, to
     O(eps)."""
     layers = [np.array(layer) for layer in params]
     for (layer, unit), sign in zip(kinks, signs):
-        hidden = np.asarray(x)
-        for below in layers[:layer]:
-            hidden = np.maximum(below @ hidden, 0.0)
+        hidden = _layer_inputs(layers, x, layer, slope)
         row = layers[layer][unit]
         layers[layer][unit] = row + (sign * eps - row @ hidden) / (hidden @ hidden) * hidden
     moved = tuple(jnp.asarray(layer) for layer in layers)
     return np.asarray(ravel_pytree(jax.grad(predictor.apply)(moved, x))[0])
 
 
-def _kinked_problem(depth):
-    """4 points in 3-d, a width-5 ReLU net with some pre-activations exactly 0 (two examples;
-    for depth 3 in both hidden layers), |f| >= 0.05 on every example (the first data seed that
-    gives it: a kinked unit whose layer has no other active unit would make f = 0)."""
+def _kinked_problem(depth, slope):
+    """4 points in 3-d, a width-5 (leaky) ReLU net with some pre-activations exactly 0 (two
+    examples; for depth 3 in both hidden layers), |f| >= 0.05 on every example (the first data
+    seed that gives it: a kinked unit whose layer has no other active unit would make f = 0)."""
     if depth == 2:
         kinks = {0: [(0, 0), (0, 1), (0, 2)], 1: [(0, 2), (0, 3)]}
     else:
         kinks = {0: [(0, 0), (0, 1), (1, 0)], 1: [(1, 3)]}
     pairs = [(i, layer, unit) for i, units in kinks.items() for layer, unit in units]
-    predictor = jm.relu_mlp(depth, 5)
+    predictor = jm.relu_mlp(depth, 5) if slope == 0 else jm.leaky_relu_mlp(depth, 5, slope)
     for seed in range(100):
         key_x, key_w = jax.random.split(jax.random.key(seed))
         X = jax.random.normal(key_x, (4, 3))
-        params = _on_kinks(predictor.init(key_w, 3), X, pairs)
+        params = _on_kinks(predictor.init(key_w, 3), X, pairs, slope)
         f = jax.vmap(predictor.apply, in_axes=(None, 0))(params, X)
         if float(jnp.min(jnp.abs(f))) >= 0.05:
             return predictor, params, X, jnp.sign(f), kinks
     raise AssertionError("no seed gives a problem with |f| >= 0.05")
 
 
-@pytest.mark.parametrize("depth", [2, 3])
-def test_gate_fit_against_the_vertices_of_the_clarke_sets(depth):
-    """One hidden layer: the gate fit is the exact minimum over the cones of the Clarke sets,
-    which are the convex hulls of the limiting gradients of all 2^K sign patterns (taken by
-    plain autodiff off the kinks; NNLS over all of them is the brute-force reference). Two:
-    no fit may beat that minimum (its gated elements lie in the Clarke sets), and every vertex
-    of the gates is one of those limiting gradients."""
-    predictor, params, X, y, kinks = _kinked_problem(depth)
+def _gated_gradient(predictor, params, x, label, kinked_shapes, units, gates):
+    """s(g) of one example through the predictor's gated_apply, gates on `units` only."""
+    w, unravel = ravel_pytree(params)
+    masks = [np.zeros(width, bool) for width in kinked_shapes]
+    alphas = [np.zeros(width) for width in kinked_shapes]
+    for (layer, unit), gate in zip(units, gates):
+        masks[layer][unit], alphas[layer][unit] = True, gate
+    arrays = tuple((jnp.asarray(m), jnp.asarray(a)) for m, a in zip(masks, alphas))
+    return np.asarray(jax.grad(lambda v: label * predictor.kinks.gated_apply(
+        unravel(v), x, arrays))(w))  # fmt: skip
+
+
+@pytest.mark.parametrize("depth, slope", [(2, 0.0), (3, 0.0), (2, 0.1)])
+def test_gated_gradients_are_in_the_clarke_sets(depth, slope):
+    """The claim the gate fit rests on, against limiting gradients taken by plain autodiff at
+    points pushed off the kinks (all 2^K sign patterns): the gated gradient at a vertex of the
+    gates is that pattern's limiting gradient, and at interior gates the multilinear
+    interpolation of them (a convex combination: an element of the Clarke set)."""
+    predictor, params, X, y, kinks = _kinked_problem(depth, slope)
     kinked = kinked_units(predictor, params, X, 1e-9)
     found = {(i, layer, unit) for layer, mask in enumerate(kinked)
              for i, unit in zip(*np.nonzero(mask))}  # fmt: skip
     assert found == {(i, layer, unit) for i, units in kinks.items() for layer, unit in units}
+    widths = [mask.shape[1] for mask in kinked]
+    rng = np.random.default_rng(depth)
+    for i, units in kinks.items():
+        patterns = list(itertools.product([0, 1], repeat=len(units)))
+        vertex = {p: float(y[i]) * _limiting_gradient(predictor, params, X[i], units,
+                                                      [2.0 * s - 1.0 for s in p], slope)
+                  for p in patterns}  # fmt: skip
+        scale = max(np.linalg.norm(v) for v in vertex.values())
+        for p in patterns:
+            gated = _gated_gradient(predictor, params, X[i], y[i], widths, units, p)
+            np.testing.assert_allclose(gated, vertex[p], atol=1e-7 * scale)
+        g = rng.uniform(0.1, 0.9, len(units))
+        interpolated = sum(np.prod([gk if s else 1.0 - gk for gk, s in zip(g, p)]) * vertex[p]
+                           for p in patterns)  # fmt: skip
+        np.testing.assert_allclose(_gated_gradient(predictor, params, X[i], y[i], widths, units,
+                                                   g), interpolated, atol=1e-7 * scale)
 
-    columns, vertices = [], {}
+
+@pytest.mark.parametrize("depth, slope", [(2, 0.0), (3, 0.0), (2, 0.1)])
+def test_gate_fit_against_brute_force_over_the_vertices(depth, slope):
+    """NNLS over the limiting gradients of all sign patterns of all examples is the exact
+    minimum over the cones of the Clarke sets (brute force). One hidden layer: the gate fit is
+    that minimum. Two: no fit may beat it. Targets: a random direction, and a combination of
+    the vertices with interior weights plus noise (whose minimum needs interior gates)."""
+    predictor, params, X, y, kinks = _kinked_problem(depth, slope)
+    kinked = kinked_units(predictor, params, X, 1e-9)
+    columns, owner = [], []
     for i in range(X.shape[0]):
         units = kinks.get(i, [])
         for signs in itertools.product([-1.0, 1.0], repeat=len(units)):
-            g = float(y[i]) * _limiting_gradient(predictor, params, X[i], units, signs)
-            columns.append(g)
-            vertices[i, signs] = g
-    columns = np.array(columns)
+            columns.append(float(y[i]) * _limiting_gradient(predictor, params, X[i], units,
+                                                            signs, slope))  # fmt: skip
+            owner.append(i)
+    columns, owner = np.array(columns), np.array(owner)
     rng = np.random.default_rng(depth)
-    b = rng.normal(size=columns.shape[1])
-    b /= np.linalg.norm(b)
-    brute = np.linalg.norm(b - best_nnls(columns.T, b) @ columns)
-    fit = fit_gates(predictor, params, X, y, b, kinked)
-    print(f"depth {depth}: brute force {brute:.6e}, gate fit {fit.residual:.6e}")
-    assert fit.residual >= brute - 1e-9
-    if depth == 2:
-        assert fit.residual == pytest.approx(brute, rel=1e-7)
-
-    # The gated gradient at each vertex of the gates is that sign pattern's limiting gradient.
-    w, unravel = ravel_pytree(params)
-    for (i, signs), expected in vertices.items():
-        masks = [np.zeros(mask.shape[1], bool) for mask in kinked]
-        alphas = [np.zeros(mask.shape[1]) for mask in kinked]
-        for (layer, unit), sign in zip(kinks.get(i, []), signs):
-            masks[layer][unit], alphas[layer][unit] = True, float(sign > 0)
-        gates = tuple((jnp.asarray(m), jnp.asarray(a)) for m, a in zip(masks, alphas))
-        gated = jax.grad(lambda v: y[i] * predictor.kinks.gated_apply(unravel(v), X[i], gates))(w)
-        np.testing.assert_allclose(np.asarray(gated), expected,
-                                   atol=1e-7 * np.linalg.norm(expected))  # fmt: skip
+    inside = rng.uniform(0.5, 1.0, len(columns)) @ columns
+    for b, interior in ((rng.normal(size=columns.shape[1]), False),
+                        (inside / np.linalg.norm(inside) + 0.05 * rng.normal(size=columns.shape[1])
+                         / np.sqrt(columns.shape[1]), True)):  # fmt: skip
+        b /= np.linalg.norm(b)
+        weights = best_nnls(columns.T, b)
+        brute = np.linalg.norm(b - weights @ columns)
+        if interior:  # the brute-force minimum mixes sign patterns of example 0
+            assert np.sum(weights[owner == 0] > 1e-9) >= 2
+        fit = fit_gates(predictor, params, X, y, b, kinked)
+        print(f"depth {depth}, slope {slope}: brute force {brute:.9e}, gate fit {fit.residual:.9e}")
+        assert fit.residual >= brute - 1e-9
+        if depth == 2:
+            assert fit.residual == pytest.approx(brute, rel=1e-7)
 
 
 def test_gate_fit_recovers_an_element_of_the_cone():
-    """A target built from known gates and multipliers (one hidden layer): the fit reaches it."""
-    predictor, params, X, y, kinks = _kinked_problem(2)
+    """The optimiser alone (shares gated_apply with the fit): a target built from known interior
+    gates and positive multipliers (one hidden layer) is reached."""
+    predictor, params, X, y, kinks = _kinked_problem(2, 0.0)
     kinked = kinked_units(predictor, params, X, 1e-9)
     w, unravel = ravel_pytree(params)
     rng = np.random.default_rng(0)
