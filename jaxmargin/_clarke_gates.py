@@ -32,6 +32,7 @@ certificate is exact for units exactly on their kinks (the limit flow holds its 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -62,10 +63,28 @@ class GatedFit(NamedTuple):
     kinked: tuple
 
 
-def _gated_gradient(predictor, unravel):
-    """(flat w, x, label, gates) -> the gated gradient s(g) of label * f(x; w), flat."""
-    return jax.grad(lambda w, x, label, gates: label * predictor.kinks.gated_apply(
-        unravel(w), x, gates))  # fmt: skip
+@functools.lru_cache(maxsize=16)
+def _gate_programs(predictor, structure, leaves, num_hidden):
+    """Jitted (w flat, X, y, gates) -> gated gradients (n, d), and per hidden layer
+    (w, X, y, gates, alpha) -> d s_i / d alpha (n, d, width); cached per predictor and parameter
+    structure, shapes and dtypes (`leaves`) so that repeated certificates do not compile them
+    again."""
+    template = jax.tree.unflatten(structure, [jnp.zeros(shape, dtype) for shape, dtype in leaves])
+    _, unravel = ravel_pytree(template)
+
+    def gradient(w, x, label, gates):
+        return jax.grad(lambda v: label * predictor.kinks.gated_apply(unravel(v), x, gates))(w)
+
+    def layer_jacobian(layer):
+        def one(w, x, label, gate_arrays, alpha):
+            arrays = list(gate_arrays)
+            arrays[layer] = (arrays[layer][0], alpha)
+            return gradient(w, x, label, tuple(arrays))
+
+        return jax.jit(jax.vmap(jax.jacfwd(one, argnums=4), in_axes=(None, 0, 0, 0, 0)))
+
+    all_gradients = jax.jit(jax.vmap(gradient, in_axes=(None, 0, 0, 0)))
+    return all_gradients, tuple(layer_jacobian(layer) for layer in range(num_hidden))
 
 
 def kinked_units(predictor, params, X, radius: float) -> tuple:
@@ -124,21 +143,13 @@ def fit_gates(predictor, params, X, y, target, kinked, sweeps: int = 100,
     make sum_i lambda_i s_i(g_i) closest to `target` (flat, like params): block coordinate
     descent over the hidden layers, at most `sweeps` passes, stopped when a pass improves the
     residual by less than rel_improvement (relative). Gates start at 1/2."""
-    w, unravel = ravel_pytree(params)
-    gradient = _gated_gradient(predictor, unravel)
+    w = ravel_pytree(params)[0]
+    leaves = tuple((tuple(np.shape(leaf)), str(jnp.asarray(leaf).dtype))
+                   for leaf in jax.tree.leaves(params))  # fmt: skip
+    all_gradients, jacobians = _gate_programs(predictor, jax.tree.structure(params), leaves,
+                                              len(kinked))  # fmt: skip
     X, y, b = jnp.asarray(X), jnp.asarray(y), np.asarray(target)
     gates = [np.where(mask, 0.5, 0.0) for mask in kinked]
-
-    all_gradients = jax.jit(jax.vmap(gradient, in_axes=(None, 0, 0, 0)))
-
-    def layer_jacobian(layer):
-        def one(w, x, label, gate_arrays, alpha):
-            arrays = list(gate_arrays)
-            arrays[layer] = (arrays[layer][0], alpha)
-            return gradient(w, x, label, tuple(arrays))
-
-        jac = jax.vmap(jax.jacfwd(one, argnums=4), in_axes=(None, 0, 0, 0, 0))
-        return jax.jit(jac)
 
     def evaluate(gates):
         S = np.asarray(all_gradients(w, X, y, _gate_arrays(kinked, gates)))  # (n, d)
@@ -147,7 +158,6 @@ def fit_gates(predictor, params, X, y, target, kinked, sweeps: int = 100,
 
     best_residual, best_lam, S = evaluate(gates)
     best_gates = [g.copy() for g in gates]
-    jacobians = [layer_jacobian(layer) for layer in range(len(kinked))]
     for _ in range(sweeps):
         start = best_residual
         for layer, mask in enumerate(kinked):

@@ -86,8 +86,12 @@ def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14,
     projects x back onto the constraints, as the gate fit does, passes strict=False)."""
     n = A.shape[1]
     h = np.zeros(G.shape[0]) if h is None else np.asarray(h, float)
-    Q, R = np.linalg.qr(np.vstack([A, np.sqrt(ridge) * np.eye(n)]))
-    Qb = Q[: A.shape[0]].T @ b
+    # R alone (Q is never formed): the factor of [A; sqrt(ridge) I | b; 0] holds Q^T b in its last
+    # column.
+    augmented = np.column_stack([np.vstack([A, np.sqrt(ridge) * np.eye(n)]),
+                                 np.concatenate([b, np.zeros(n)])])  # fmt: skip
+    factor = np.linalg.qr(augmented, mode="r")
+    R, Qb = factor[:n, :n], factor[:n, n]
     G_tilde = solve_triangular(R, G.T, trans="T").T  # G R^-1
     h_tilde = h - G_tilde @ Qb
     E = np.vstack([G_tilde.T, h_tilde[None, :]])
