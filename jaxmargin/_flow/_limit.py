@@ -350,11 +350,14 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         auxs=jnp.broadcast_to(aux0, (S, 2)), saved=jnp.zeros(S, bool),
         steps=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
         outcome=jnp.where(s0 >= s_end, ros.REACHED_END, -1), max_sliding=jnp.zeros((), jnp.int32),
+        start=None, fresh=jnp.asarray(True),
     )  # fmt: skip
+    # The step's start (Wolfe, the kinks' Clarke element) is kept for a rejected step's redo.
+    carry = carry._replace(start=ros.placeholder(lambda: start_field(theta0, weights0)))
 
     def body(c: ros._Carry):
         # The carry's z holds lambda (the W-method keeps pre-activations there).
-        F1, kinks = start_field(c.y, c.z)
+        F1, kinks = ros.reuse_after_rejection(c.fresh, lambda: start_field(c.y, c.z), c.start)
         active = F1.weights > WEIGHT_FLOOR
         target = jnp.minimum(save_xs[jnp.minimum(c.index, S - 1)], s_end)
         target = jnp.where(c.index < S, target, s_end)
@@ -454,6 +457,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
             aux=jnp.where(accept, aux_new, c.aux), z=jnp.where(accept, F1.weights, c.z),
             h=h_next, h_resume=h_resume, steps=c.steps + accept, rejected=c.rejected + ~accept,
             max_sliding=jnp.maximum(c.max_sliding, num_held.astype(jnp.int32)),
+            start=(F1, kinks), fresh=accept,
         )  # fmt: skip
         at_save = accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
         stored = ros._store(new, new.x, new.y, new.aux, jnp.minimum(c.index, S - 1))

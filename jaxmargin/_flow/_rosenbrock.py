@@ -399,18 +399,25 @@ def frozen_gates(geometry: KinkGeometry, z, slots, on_slot, alpha):
 
 class _KinkStep(NamedTuple):
     gates: object
-    projector: object
+    rows: jax.Array | None  # (k, d) the kinks' gradients (None: no kinks)
+    slides: jax.Array | None  # (k,) bool: which of the rows the step slides on
     sliding: jax.Array  # (P,) bool: pairs held on their kink during the step
     on_kink: jax.Array  # (P,) bool
     num_sliding: jax.Array
     overflow: jax.Array  # more pairs on their kinks than slots: the step cannot be trusted
+
+    def projector(self):
+        """v -> v projected onto the tangent space of the sliding pairs' kinks."""
+        if self.rows is None:
+            return lambda v: v
+        return tangent_projector(self.rows, self.slides)
 
 
 def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, x, y, z):
     """Gates, tangent projector and sliding set for a step from (x, y) with pre-activations z."""
     if geometry is None:
         false = jnp.zeros((1,), bool)
-        return _KinkStep(None, lambda v: v, false, false, jnp.zeros((), jnp.int32),
+        return _KinkStep(None, None, None, false, false, jnp.zeros((), jnp.int32),
                          jnp.asarray(False))
     P = geometry.num_pairs
     k = min(options.candidates, P)
@@ -440,8 +447,7 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     # repeated ~400 times in 0.02 of s. Crossings at the step's end are still landed on.
     gates = frozen_gates(geometry, z, slots, on_slot, alpha)
     sliding = jnp.zeros(P, bool).at[slots].max(slides)
-    projector = tangent_projector(rows, slides)
-    return _KinkStep(gates, projector, sliding, on_kink, jnp.sum(slides).astype(jnp.int32),
+    return _KinkStep(gates, rows, slides, sliding, on_kink, jnp.sum(slides).astype(jnp.int32),
                      overflow)
 
 
@@ -524,6 +530,22 @@ class _Carry(NamedTuple):
     rejected: jax.Array
     outcome: jax.Array
     max_sliding: jax.Array
+    # What a step computes at its start point before it knows its size (kinks' Clarke element,
+    # field, stiff factor): a rejected step is redone from the same point with these (`fresh`
+    # False). Why: ~1/3 of the W-method's attempts on the reference problem (L = 3) are
+    # rejected, mostly kink landings, and the start's kink step was ~45% of an attempt.
+    start: object
+    fresh: jax.Array
+
+
+def reuse_after_rejection(fresh, compute, cached):
+    """compute() where the step starts from a new point, else the cached start products."""
+    return jax.lax.cond(fresh, compute, lambda: cached)
+
+
+def placeholder(compute):
+    """Zeros shaped like compute()'s output: the start products before the first step."""
+    return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), jax.eval_shape(compute))
 
 
 def next_step(c: _Carry, accept, clipped, h, factor, h_land, error_ok):
@@ -573,32 +595,41 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         auxs=jnp.broadcast_to(aux0, (S, 2)), saved=save_xs <= x0,
         steps=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
         outcome=jnp.where(x0 >= x_end, REACHED_END, -1), max_sliding=jnp.zeros((), jnp.int32),
+        start=None, fresh=jnp.asarray(True),
     )  # fmt: skip
+
+    def step_start(x, y, z):
+        """(kink step, field, stiff factor, d field / dx) at a step's start."""
+        ks = kink_step(geometry, margins_and_grads, clock, options, x, y, z)
+        project = ks.projector()
+        F1 = evaluate(clock, stage_fields, project, x, y, ks.gates)
+        # Non-autonomous: the polar field depends on s through beta = e^(L s), with a derivative
+        # ~ beta in the stiff directions; W-methods take it as the column of the augmented
+        # system's Jacobian (s' = 1), i.e. + gamma h dF/ds in stage 1 and - in stage 2.
+        if clock.polar:
+            _, fs_y = jax.jvp(lambda x: evaluate(clock, stage_fields, project, x, y, ks.gates).dy,
+                              (x,), (jnp.ones_like(x),))  # fmt: skip
+        else:
+            fs_y = jnp.zeros_like(y)
+        return ks, F1, stiff_factor(clock, F1, project), fs_y
+
+    carry = carry._replace(start=placeholder(lambda: step_start(carry.x, carry.y, carry.z)))
 
     def cond(c: _Carry):
         return c.outcome < 0
 
     def body(c: _Carry):
-        ks = kink_step(geometry, margins_and_grads, clock, options, c.x, c.y, c.z)
-        F1 = evaluate(clock, stage_fields, ks.projector, c.x, c.y, ks.gates)
-        V = stiff_factor(clock, F1, ks.projector)
+        step_products = reuse_after_rejection(c.fresh, lambda: step_start(c.x, c.y, c.z),
+                                              c.start)
+        ks, F1, V, fs_y = step_products
+        projector = ks.projector()
         target = jnp.minimum(save_xs[jnp.minimum(c.index, S - 1)], x_end)
         target = jnp.where(c.index < S, target, x_end)
         clipped = c.h >= target - c.x
         h = jnp.where(clipped, target - c.x, c.h)
         solve = w_solver(V, h)
-        # Non-autonomous: the polar field depends on s through beta = e^(L s), with a derivative
-        # ~ beta in the stiff directions; W-methods take it as the column of the augmented
-        # system's Jacobian (s' = 1), i.e. + gamma h dF/ds in stage 1 and - in stage 2.
-        if clock.polar:
-            _, fs_y = jax.jvp(
-                lambda x: evaluate(clock, stage_fields, ks.projector, x, c.y, ks.gates).dy,
-                (c.x,), (jnp.ones_like(c.x),),
-            )  # fmt: skip
-        else:
-            fs_y = jnp.zeros_like(c.y)
         k1y = solve(F1.dy + GAMMA * h * fs_y)
-        F2 = evaluate(clock, stage_fields, ks.projector, c.x + h, c.y + h * k1y, ks.gates)
+        F2 = evaluate(clock, stage_fields, projector, c.x + h, c.y + h * k1y, ks.gates)
         k2y = solve(F2.dy - 2.0 * k1y - GAMMA * h * fs_y)
         y_new = c.y + h * (1.5 * k1y + 0.5 * k2y)
         # The embedded first-order estimate. Only the direction is controlled: the clocks are
@@ -618,8 +649,9 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         if geometry is not None:
             z_new = preacts(y_new)
             scale = jnp.maximum(jnp.mean(jnp.abs(z_new)), 1e-300)
+            _, rate0 = jax.jvp(preacts, (c.y,), (k1y,))
             crossed, too_far, h_land = kink_crossings(c.z, z_new, ~ks.on_kink,
-                                                      options.landing * scale, h)
+                                                      options.landing * scale, h, rate0)
             landed = ~jnp.any(too_far)
         hit = jnp.asarray(False)
         if event is not None:
@@ -646,7 +678,7 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         if clock.polar:
             start, end = clock_exponents(clock, margins, c.x, c.y), clock_exponents(
                 clock, margins, c.x + h, y_acc)  # fmt: skip
-            F_end = evaluate(clock, stage_fields, ks.projector, c.x + h, y_acc, ks.gates)
+            F_end = evaluate(clock, stage_fields, projector, c.x + h, y_acc, ks.gates)
             aux_new = jnp.stack([
                 c.aux[0] + exp_trapezoid(h, start[0], end[0]),
                 advance_log_t_loss(h, c.aux[1], start, end, F1.log_loss_rate,
@@ -667,7 +699,8 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
             aux=jnp.where(accept, aux_new, c.aux),
             z=jnp.where(accept, preacts(y_acc), c.z) if geometry is not None else c.z,
             h=h_next, h_resume=h_resume, steps=c.steps + accept, rejected=c.rejected + ~accept,
-            max_sliding=jnp.maximum(c.max_sliding, ks.num_sliding),
+            max_sliding=jnp.maximum(c.max_sliding, ks.num_sliding), start=step_products,
+            fresh=accept,
         )  # fmt: skip
         at_save = accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
         stored = _store(new, new.x, new.y, new.aux, jnp.minimum(c.index, S - 1))
