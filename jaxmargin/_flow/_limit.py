@@ -189,18 +189,24 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     on = jnp.abs(z) <= options.on_kink * _unit_scale(z, weights0.shape[0])
     slots, on_slot, on_kink, overflow = ros.on_kink_slots(z, on, k)
     alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
-    hold = jnp.zeros(k, bool)
-    for _ in range(_KINK_ROUNDS):
+
+    def alternate(_, state):
+        _, alpha, hold, weights = state
         kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold,
                           on_kink, alpha, overflow)  # fmt: skip
-        field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
+        field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights,
                                   geometry, kinks)  # fmt: skip
-        weights0 = field.weights
         # One linearisation per round, at the last round's alphas: the alternation's rounds
         # are clarke_pairs' rounds for deeper nets.
         rows, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
-                                             lambda _, w=field.weights: w, slots, on_slot,
-                                             on_kink, alpha_at=alpha, rounds=1)  # fmt: skip
+                                             lambda _: field.weights, slots, on_slot, on_kink,
+                                             alpha_at=alpha, rounds=1)  # fmt: skip
+        return rows, alpha, hold, field.weights
+
+    # A loop, not unrolled: one copy of Wolfe and the box QP in the compiled program.
+    rows = jnp.zeros((k, theta.shape[0]), theta.dtype)
+    rows, alpha, hold, weights0 = jax.lax.fori_loop(
+        0, _KINK_ROUNDS, alternate, (rows, alpha, jnp.zeros(k, bool), weights0))
     kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold, on_kink,
                       alpha, overflow)
     field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
@@ -250,7 +256,7 @@ def equalize(margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=No
     sum of the coefficients 0: the optimality condition for c). The level is not prescribed
     because near a KKT point no move raises all the margins of E together. With kinks, the
     pairs in `held` (P,) are put back on z = 0 in the same solve (under the step's gates)."""
-    for _ in range(sweeps):
+    def sweep(_, theta):
         unit = theta / jnp.linalg.norm(theta)
         q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
         rows, support, border, top = _tangent(G, unit), active, active, -q
@@ -272,7 +278,10 @@ def equalize(margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=No
         # the common level is c = -mu.
         coefficients = bordered_solve(rows @ rows.T, support, top, 0.0, ridge=_RIDGE,
                                       border=border)  # fmt: skip
-        theta = unit + coefficients @ rows
+        return unit + coefficients @ rows
+
+    # A loop, not unrolled: one copy in the compiled program.
+    theta = jax.lax.fori_loop(0, sweeps, sweep, theta)
     return theta / jnp.linalg.norm(theta)
 
 

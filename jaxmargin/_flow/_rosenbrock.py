@@ -292,12 +292,17 @@ def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, wei
     alpha = jnp.zeros(k, y_unit.dtype) if alpha_at is None else alpha_at
     if rounds is None:
         rounds = 1 if geometry.hidden_layers == 1 else _CLARKE_ROUNDS
-    for _ in range(rounds):
+
+    def round_(_, state):
+        alpha = state[1]
         alpha_all = jnp.zeros(P, y_unit.dtype).at[written].set(alpha, mode="drop")
         gates = geometry.gates(on_kink, alpha_all)
-        rows, alpha, holds = _clarke_round(geometry, margins_and_grads, options, y_unit,
-                                           weights_of, slots, on_slot, gates, alpha)
-    return rows, alpha, holds
+        return _clarke_round(geometry, margins_and_grads, options, y_unit, weights_of, slots,
+                             on_slot, gates, alpha)
+
+    # A loop, not unrolled: one copy of the round (and its box QP) in the compiled program.
+    state = (jnp.zeros((k, y_unit.shape[0]), y_unit.dtype), alpha, jnp.zeros(k, bool))
+    return jax.lax.fori_loop(0, rounds, round_, state)
 
 
 # Rounds of clarke_pairs for nets with more than one hidden layer.
@@ -468,7 +473,8 @@ def project_onto_kinks(geometry: KinkGeometry, clock, options, y, hold, keep, ke
     k = min(options.candidates, geometry.num_pairs)
     keep = jnp.where(keep_mask[:, None], keep / jnp.maximum(
         jnp.linalg.norm(keep, axis=1, keepdims=True), 1e-300), 0.0)  # fmt: skip
-    for _ in range(sweeps):
+
+    def sweep(_, y):
         y_unit = y / jnp.linalg.norm(y) if clock.polar else y
         slots = jnp.nonzero(hold, size=k, fill_value=0)[0]
         active = jnp.arange(k) < jnp.sum(hold)
@@ -481,8 +487,10 @@ def project_onto_kinks(geometry: KinkGeometry, clock, options, y, hold, keep, ke
         factor = jax.scipy.linalg.cho_factor(gram)
         targets = jnp.concatenate([jnp.where(active, z / norms, 0.0), jnp.zeros(keep.shape[0],
                                                                                  y.dtype)])
-        correction = A.T @ jax.scipy.linalg.cho_solve(factor, targets)
-        y = y_unit - correction
+        return y_unit - A.T @ jax.scipy.linalg.cho_solve(factor, targets)
+
+    # A loop, not unrolled: one copy in the compiled program.
+    y = jax.lax.fori_loop(0, sweeps, sweep, y)
     return y / jnp.linalg.norm(y) if clock.polar else y
 
 
