@@ -7,8 +7,9 @@ so explicit steps must shrink like 1/beta; diffrax's implicit solvers factor a d
 make adaptive steps collapse. This integrator:
 
 - ROS2 (Verwer, Spee, Blom & Hundsdorfer, SIAM J. Sci. Comput. 1999), a 2-stage Rosenbrock-W
-  method: second order for ANY matrix A in W = I - gamma h A, and L-stable when A is the stiff
-  part. A is that low-rank part (Woodbury with an n x n Cholesky). Embedded first-order
+  method, or ROS34PW2 (Rang & Angermann, BIT 2005), 4 stages: second / third order for ANY
+  matrix A in W = I - gamma h A, and L-stable when A is the stiff part. A is that low-rank part
+  (Woodbury with an n x n Cholesky, one factorisation a step). Embedded first- / second-order
   estimate of the direction's error for step control.
 - Clocks: tau and ln(t L) do not feed back into the direction; they are integrated by
   quadrature along each accepted step (ln t: an exponentially fitted rule for its O(beta) slope).
@@ -39,7 +40,22 @@ from ._box_qp import box_qp
 from ._fields import softmax_of_scaled
 from ._kink_geometry import KinkGeometry
 
+# ROS2 (Verwer, Spee, Blom & Hundsdorfer 1999): gamma of W = I - gamma h A.
 GAMMA = 1.0 + 1.0 / math.sqrt(2.0)
+# ROS34PW2 (Rang & Angermann, BIT 45, 2005, Table 4.1): four stages, order 3 for ANY matrix A
+# in W = I - gamma h A (a W-method), L-stable and stiffly accurate, embedded order 2. In the form
+# (I - gamma h A) k_i = F(x + c_i h, y + h sum_j alpha_ij k_j) + h A sum_j gamma_ij k_j
+# + gamma_i h dF/dx, y_new = y + h sum_i b_i k_i, with gamma_i = gamma + sum_j gamma_ij.
+GAMMA_34 = 4.3586652150845900e-01
+_ALPHA = ((), (8.7173304301691801e-01,), (8.4457060015369423e-01, -1.1299064236484185e-01),
+          (0.0, 0.0, 1.0))
+_GAMMAS = ((), (-8.7173304301691801e-01,), (-9.0338057013044082e-01, 5.4180672388095326e-02),
+           (2.4212380706095346e-01, -1.2232505839045147e+00, 5.4526025533510214e-01))
+_B = (2.4212380706095346e-01, -1.2232505839045147e+00, 1.5452602553351020e+00,
+      4.3586652150845900e-01)
+_B_EMBEDDED = (3.7810903145819369e-01, -9.6042292212423178e-02, 0.5, 2.1793326075422950e-01)
+_C = tuple(sum(row) for row in _ALPHA)
+_GAMMA_SUMS = tuple(GAMMA_34 + sum(row) for row in _GAMMAS)
 
 
 class RosenbrockOptions(NamedTuple):
@@ -53,6 +69,7 @@ class RosenbrockOptions(NamedTuple):
         landing: how far past a kink (relative to mean |z|) or past t0 a step may end.
         qp_iterations: iterations of the box QP that picks the Clarke element on kinks.
         first_step: the first step size tried.
+        method: "ros2" (order 2) or "ros34pw2" (order 3; see METHODS and gradient_flow).
     """
 
     tol: float = 1e-6
@@ -61,6 +78,7 @@ class RosenbrockOptions(NamedTuple):
     landing: float = 1e-9
     qp_iterations: int = 300
     first_step: float = 1e-4
+    method: str = "ros2"
 
 
 class Clock(NamedTuple):
@@ -247,9 +265,9 @@ def stiff_factor(clock: Clock, field: _Field, projector):
     return jnp.sqrt(field.stiff_scale) * V
 
 
-def w_solver(V, h):
+def w_solver(V, h, gamma=GAMMA):
     """b -> W^{-1} b for W = I - gamma h A, A = -V V^T (Woodbury)."""
-    a = GAMMA * h
+    a = gamma * h
     n = V.shape[1]
     # M's eigenvalues are >= 1 (no diagonal scaling: scaled, its near-null directions, the
     # softmax's sum-to-one direction, made Cholesky break down at beta ~ 1e11).
@@ -266,6 +284,39 @@ def w_solver(V, h):
         return b - a * (V @ z)
 
     return solve
+
+
+def ros2_step(field_at, V, field_rate, x, y, h, field0):
+    """One ROS2 step of size h from (x, y): (first stage k_1, y_new, embedded first-order error
+    estimate). field_at(x, y) is the field, field0 = field_at(x, y), A = -V V^T its stiff part,
+    field_rate = dF/dx at (x, y) (the non-autonomous column)."""
+    solve = w_solver(V, h)
+    k1 = solve(field0 + GAMMA * h * field_rate)
+    k2 = solve(field_at(x + h, y + h * k1) - 2.0 * k1 - GAMMA * h * field_rate)
+    return k1, y + h * (1.5 * k1 + 0.5 * k2), 0.5 * h * (k1 + k2)
+
+
+def ros34pw2_step(field_at, V, field_rate, x, y, h, field0):
+    """One ROS34PW2 step, as ros2_step (embedded estimate of second order)."""
+    solve = w_solver(V, h, GAMMA_34)
+    stages = []
+    for i in range(len(_B)):
+        if i == 0:
+            F = field0
+        else:
+            F = field_at(x + _C[i] * h,
+                         y + h * sum(a * k for a, k in zip(_ALPHA[i], stages) if a != 0.0))
+        rhs = F + _GAMMA_SUMS[i] * h * field_rate
+        if i > 0:  # + h A sum_j gamma_ij k_j, A = -V V^T
+            rhs = rhs - h * (V @ (V.T @ sum(g * k for g, k in zip(_GAMMAS[i], stages))))
+        stages.append(solve(rhs))
+    y_new = y + h * sum(b * k for b, k in zip(_B, stages))
+    error = h * sum((b - e) * k for b, e, k in zip(_B, _B_EMBEDDED, stages))
+    return stages[0], y_new, error
+
+
+# RosenbrockOptions.method -> (step, order).
+METHODS = {"ros2": (ros2_step, 2), "ros34pw2": (ros34pw2_step, 3)}
 
 
 # --------------------------------------------------------------------------- kinks
@@ -586,6 +637,7 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
     gate's linear piece (per_example_margins(..., branch=True)), for the step's stages."""
     stage_fields = margins_and_grads if branch_margins_and_grads is None else (
         branch_margins_and_grads)
+    method_step, order = METHODS[options.method]
     dtype = y0.dtype
     S = save_xs.shape[0]
 
@@ -613,7 +665,7 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         F1 = evaluate(clock, stage_fields, project, x, y, ks.gates)
         # Non-autonomous: the polar field depends on s through beta = e^(L s), with a derivative
         # ~ beta in the stiff directions; W-methods take it as the column of the augmented
-        # system's Jacobian (s' = 1), i.e. + gamma h dF/ds in stage 1 and - in stage 2.
+        # system's Jacobian (s' = 1), i.e. + gamma_i h dF/ds in stage i (see the step functions).
         if clock.polar:
             _, fs_y = jax.jvp(lambda x: evaluate(clock, stage_fields, project, x, y, ks.gates).dy,
                               (x,), (jnp.ones_like(x),))  # fmt: skip
@@ -635,14 +687,13 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         target = jnp.where(c.index < S, target, x_end)
         clipped = c.h >= target - c.x
         h = jnp.where(clipped, target - c.x, c.h)
-        solve = w_solver(V, h)
-        k1y = solve(F1.dy + GAMMA * h * fs_y)
-        F2 = evaluate(clock, stage_fields, projector, c.x + h, c.y + h * k1y, ks.gates)
-        k2y = solve(F2.dy - 2.0 * k1y - GAMMA * h * fs_y)
-        y_new = c.y + h * (1.5 * k1y + 0.5 * k2y)
-        # The embedded first-order estimate. Only the direction is controlled: the clocks are
-        # integrated by quadrature after the step (no feedback into theta).
-        err_y = 0.5 * h * (k1y + k2y)
+
+        def field_at(x, y):
+            return evaluate(clock, stage_fields, projector, x, y, ks.gates).dy
+
+        k1y, y_new, err_y = method_step(field_at, V, fs_y, c.x, c.y, h, F1.dy)
+        # Only the direction is controlled: the clocks are integrated by quadrature after the
+        # step (no feedback into theta).
         y_scale = 1.0 if clock.polar else 1.0 + jnp.linalg.norm(c.y)
         err = jnp.linalg.norm(err_y) / (options.tol * y_scale)
         finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(y_new))
@@ -699,7 +750,7 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         finite = finite & jnp.all(jnp.isfinite(aux_new))
         accept = (err <= 1.0) & landed & finite & ~ks.overflow
 
-        factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** -0.5, 0.2, 4.0)
+        factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** (-1.0 / order), 0.2, 4.0)
         h_next, h_resume = next_step(c, accept, clipped, h, factor, h_land, err <= 1.0)
         x_new = jnp.where(clipped, target, c.x + h)
         new = c._replace(
