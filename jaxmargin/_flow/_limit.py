@@ -345,10 +345,14 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
     def aux_at(s, tau, field):
         return jnp.stack([tau, quasi_steady_log_t_loss(degree, s, field.q_min, field.dtheta)])
 
+    # The step's start (Wolfe, the kinks' Clarke element) is kept for a rejected step's redo;
+    # with kinks the first step's start is the initial field itself (computed once).
     if geometry is None:
         field0 = evaluate(margins_and_grads, degree, theta0, weights0 > WEIGHT_FLOOR)
+        start0, fresh0 = ros.placeholder(lambda: start_field(theta0, weights0)), True
     else:
-        field0, _ = start_field(theta0, weights0)
+        start0 = start_field(theta0, weights0)
+        field0, fresh0 = start0[0], False
     num_initial = jnp.sum(save_xs <= s0)
     aux0 = aux_at(s0, tau0, field0)
     carry = ros._Carry(
@@ -359,10 +363,8 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         auxs=jnp.broadcast_to(aux0, (S, 2)), saved=jnp.zeros(S, bool),
         steps=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
         outcome=jnp.where(s0 >= s_end, ros.REACHED_END, -1), max_sliding=jnp.zeros((), jnp.int32),
-        start=None, fresh=jnp.asarray(True),
+        start=start0, fresh=jnp.asarray(fresh0),
     )  # fmt: skip
-    # The step's start (Wolfe, the kinks' Clarke element) is kept for a rejected step's redo.
-    carry = carry._replace(start=ros.placeholder(lambda: start_field(theta0, weights0)))
 
     def body(c: ros._Carry):
         # The carry's z holds lambda (the W-method keeps pre-activations there).
