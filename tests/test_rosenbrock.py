@@ -162,6 +162,20 @@ def test_kink_crossing_guesses_land_past_the_kink():
         h * (start[:2] + 0.5 * landing) / (start[:2] + end[:2]))), rel=1e-12)
 
 
+def test_landing_band_bounds_the_snap_by_the_tolerance():
+    """A pair ending within landing_band of its kink is snapped onto it: for z = a . y along
+    dy/dx = v, the band is where the flow reaches the kink within a distance tol (and the
+    orthogonal snap, |z| / |a|, is no longer); at least the floor, for pairs that barely move."""
+    rng = np.random.default_rng(0)
+    a, v = rng.normal(size=(6, 40)), rng.normal(size=40)
+    rate, speed, tol, floor = a @ v, np.linalg.norm(v), 1e-6, 1e-12
+    band = np.asarray(ros.landing_band(floor, jnp.asarray(rate), speed, tol))
+    assert np.all(band > floor)
+    np.testing.assert_allclose(band / np.abs(rate) * speed, tol, rtol=1e-12)  # along the flow
+    assert np.all(band / np.linalg.norm(a, axis=1) <= tol * (1 + 1e-12))  # the snap
+    assert float(ros.landing_band(floor, 1e-9, speed, tol)) == floor
+
+
 def test_kink_step_reports_more_kinks_than_slots():
     """More pairs on their kinks than `candidates` slots: the step says so (the integrators
     then stop with TOO_MANY_KINKS) instead of dropping pairs silently."""
