@@ -404,27 +404,23 @@ def _clarke_round(geometry, margins_and_grads, options, y_unit, weights_of, slot
     return rows, alpha, slides | attracted
 
 
-# A kink landing may end this fraction of the step's error tolerance from the kink (in the
-# state, see landing_band).
-_LANDING_SHARE = 1.0
-
-
 def landing_band(floor, rate, speed, tol):
     """Per pair, how far from its kink (in z) a step may end and count as landed on it: the
     pair is then projected onto the kink, which moves the state by about |z| / |dz/dx| x
-    |dy/dx|; the band keeps that below _LANDING_SHARE x the local error tolerance `tol`, and
-    is at least `floor`. Why: with only the floor (1e-9 of mean |z|) a landing redone from the
+    |dy/dx|; the band keeps that below the local error tolerance `tol`, and is at least
+    `floor`. Why: with only the floor (1e-9 of mean |z|) a landing redone from the
     quadratic guess often ended short of the kink by more than that (the redone step's own error
     is ~tol) and took more steps: on the reference problem (L = 3, rtol 1e-6, t0 to beta = 1e4)
-    868 of 1646 W-method attempts were rejected, 654 of 1391 with this band; a share of 0.1
+    868 of 1646 W-method attempts were rejected, 654 of 1391 with this band; a band of 0.1 tol
     rejected 776 of 1547."""
-    return jnp.maximum(floor, _LANDING_SHARE * tol * jnp.abs(rate) / jnp.maximum(speed, 1e-300))
+    return jnp.maximum(floor, tol * jnp.abs(rate) / jnp.maximum(speed, 1e-300))
 
 
 def kink_crossings(z0, z1, free, landing, h, rate0=None):
     """Pairs among `free` that cross their kink within a step from pre-activations z0 to z1:
-    (crossed, too_far, h_land). too_far: ended more than `landing` past it (the step is redone
-    with h_land, a guess that ends landing / 2 past it); crossed also holds the pairs that ended
+    (crossed, too_far, h_land); `landing` is a scalar or one per pair (landing_band). too_far:
+    ended more than `landing` past it (the step is redone with h_land, a guess that ends
+    landing / 2 past it); crossed also holds the pairs that ended
     within `landing` short of a kink they head for (else the next steps would approach it
     geometrically, a Zeno sequence). The guess is linear in z, or with `rate0` (dz/dx at the
     start) quadratic: a linear guess undershoots a pair whose rate grows along the step, each
