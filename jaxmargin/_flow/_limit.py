@@ -240,6 +240,66 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     return field, kinks
 
 
+# Dormand-Prince's dense output (Shampine 1986, as diffrax's Dopri5): the midpoint weights.
+_C_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2,
+          -2691868925 / 45128329728 / 2, 187940372067 / 1594534317056 / 2,
+          -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # fmt: skip
+# _first_root_of_any: grid points that bracket the first root, then Illinois iterations.
+_ROOT_GRID, _ROOT_ITERATIONS = 8, 12
+
+
+def _dense_output(y0, y1, increments):
+    """(value, d value / du) of the 4th-order dense output, u in [0, 1], of a Dormand-Prince
+    step from y0 to y1 with stage increments h K (7, d): the quartic through y0, the midpoint
+    estimate and y1 with the step's end slopes."""
+    f0, f1 = increments[0], increments[6]
+    mid = y0 + jnp.asarray(_C_MID) @ increments
+    a = 2.0 * (f1 - f0) - 8.0 * (y1 + y0) + 16.0 * mid
+    b = 5.0 * f0 - 3.0 * f1 + 18.0 * y0 + 14.0 * y1 - 32.0 * mid
+    c = f1 - 4.0 * f0 - 11.0 * y0 - 5.0 * y1 + 16.0 * mid
+
+    def value(u):
+        return (((a * u + b) * u + c) * u + f0) * u + y0
+
+    def rate(u):  # d value / du
+        return ((4.0 * a * u + 3.0 * b) * u + 2.0 * c) * u + f0
+
+    return value, rate
+
+
+def _first_root_of_any(g_at, relevant, fallback):
+    """The first u in (0, 1] where some relevant entry of g_at(u) (positive at u = 0) turns
+    negative: bracketed on a grid of _ROOT_GRID points, then the entry whose secant root in the
+    bracket comes first is solved by the Illinois method. `fallback` where no grid point has a
+    root (e.g. an entry that comes back above 0 by the next grid point)."""
+    us = jnp.arange(1, _ROOT_GRID + 1) / _ROOT_GRID
+    values = jax.vmap(g_at)(us)
+    crossing = relevant[None] & (values < 0)
+    found = jnp.any(crossing)
+    j = jnp.argmax(jnp.any(crossing, axis=1))
+    ua = jnp.where(j > 0, us[j - 1], 0.0)
+    ga = jnp.where(j > 0, values[j - 1], g_at(0.0))
+    ub, gb = us[j], values[j]
+    secant = ua + (ub - ua) * ga / jnp.where(ga > gb, ga - gb, 1.0)
+    k = jnp.argmin(jnp.where(crossing[j] & (ga >= 0), secant, jnp.inf))
+
+    def illinois(_, state):
+        ua, ga, ub, gb, kept = state
+        u = ub - gb * (ub - ua) / jnp.where(gb != ga, gb - ga, 1.0)
+        g = g_at(u)[k]
+        past = g < 0
+        # The end kept twice in a row has its value halved (the Illinois modification).
+        ga = jnp.where(past & (kept == 1), 0.5 * ga, ga)
+        gb = jnp.where(~past & (kept == -1), 0.5 * gb, gb)
+        return (jnp.where(past, ua, u), jnp.where(past, ga, g), jnp.where(past, u, ub),
+                jnp.where(past, g, gb), jnp.where(past, 1, -1))  # fmt: skip
+
+    ua, ga, ub, gb, _ = jax.lax.fori_loop(0, _ROOT_ITERATIONS, illinois,
+                                          (ua, ga[k], ub, gb[k], 0))  # fmt: skip
+    best = jnp.where(jnp.abs(gb) <= jnp.abs(ga), ub, ua)
+    return jnp.where(found, best, jnp.minimum(fallback, 1.0))
+
+
 def _unit_scale(z, n):
     """Per pair, the largest |z| of its unit over the n examples (pairs are example-major)."""
     return jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
@@ -370,10 +430,9 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         # The carry's z holds lambda (the W-method keeps pre-activations there).
         F1, kinks = ros.reuse_after_rejection(c.fresh, lambda: start_field(c.y, c.z), c.start)
         active = F1.weights > WEIGHT_FLOOR
-        target = jnp.minimum(save_xs[jnp.minimum(c.index, S - 1)], s_end)
-        target = jnp.where(c.index < S, target, s_end)
-        clipped = c.h >= target - c.x
-        h = jnp.where(clipped, target - c.x, c.h)
+        # Steps end at s_end, not at the save grid (the saves come from the dense output).
+        clipped = c.h >= s_end - c.x
+        h = jnp.where(clipped, s_end - c.x, c.h)
 
         # The stages in a loop (one field in the compiled program instead of six).
         def stage(i, state):
@@ -387,53 +446,116 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         theta_new = c.y + h * (jnp.asarray(_B5) @ K)
         err_y = h * ((jnp.asarray(_B5) - jnp.asarray(_B4)) @ K)
         err = jnp.linalg.norm(err_y) / options.tol
+        dense, dense_rate = _dense_output(c.y, theta_new, h * K)
 
         # ReLU kinks: a pair of an example in E that crosses its kink during the step is landed
         # on (the step redone shorter until it ends within kink_landing past it) and put on it;
         # the next step's start decides whether it slides or goes through. Pairs of the other
         # examples cross freely (lambda_i = 0: they do not enter the velocity).
         h_kink, landed_kinks, held = jnp.inf, jnp.asarray(True), None
+        truncated, h_done = jnp.asarray(False), h
         if geometry is not None:
             # z and dz/ds at the start (a JVP: the quadratic guess of kink_crossings).
             z0, rate0 = jax.jvp(lambda t: geometry.preactivations(t / jnp.linalg.norm(t)),
                                 (c.y,), (F1.dtheta,))  # fmt: skip
-            z1 = geometry.preactivations(theta_new / jnp.linalg.norm(theta_new))
-            scale = jnp.maximum(jnp.mean(jnp.abs(z1)), 1e-300)
             in_e = jnp.repeat(active, pairs_per_example)
-            # Off their kinks: a change of sign is a crossing. On them and not held: the pair
-            # leaves to the side of its alpha in {0, 1}; the side test is instantaneous, and one
-            # that ends on the other side, beyond half the on-kink band, is landed within the
-            # band and held. (A landing at kink_landing past z = 0 instead made pairs with a
-            # near-zero rate, released and drifting back by ~1e-9, chatter on the reference
-            # problem, L = 3: ~40% of the steps were landings of ~1e-7.) Not the W-method's
-            # landing_band: with it the bench's L = 3 continuation ended with more than 256 pairs
-            # on kinks (TOO_MANY_KINKS at s = 9663, 2026-11-29); suspected, not isolated: near
-            # the limit a band of the tolerance is far wider than a step's travel, and pairs
-            # are held before they reach their kinks.
-            crossed, too_far, h_cross = ros.kink_crossings(
-                z0, z1, in_e & ~kinks.on_kink, options.kink_landing * scale, h, rate0)
             side = jnp.zeros_like(z0).at[kinks.slots].set(jnp.where(kinks.alpha > 0.5, 1.0, -1.0))
             leaving = in_e & kinks.on_kink & ~_held_pairs(geometry, kinks)
-            # Floored at the crossings' landing tolerance: units that no example uses decay
-            # (their own scale reached 1e-25 on the reference problem, L = 2, by s ~ 400), and a
-            # band relative to it alone asked for landings of 1e-14 (the step size collapsed).
-            band = jnp.maximum(options.on_kink * _unit_scale(z0, active.shape[0]),
-                               options.kink_landing * scale)
-            back = leaving & (side * z1 < -0.5 * band)
-            back_too_far = leaving & (side * z1 < -band)
-            # A linear guess that ends 3/4 of the band past the kink, on the wrong side.
-            h_back = h * jnp.maximum(side * z0 + 0.75 * band, 1e-3 * band) / jnp.maximum(
-                side * (z0 - z1), 1e-300)
-            h_kink = jnp.minimum(h_cross, jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
-            crossed = crossed | back
-            landed_kinks = ~jnp.any(too_far | back_too_far)
+
+            def kinks_at(z1, h):
+                """(crossed, landed, h_kink) for a step of size h ending at pre-activations z1."""
+                scale = jnp.maximum(jnp.mean(jnp.abs(z1)), 1e-300)
+                # Off their kinks: a change of sign is a crossing. On them and not held: the
+                # pair leaves to the side of its alpha in {0, 1}; the side test is
+                # instantaneous, and one that ends on the other side, beyond half the on-kink
+                # band, is landed within the band and held. (A landing at kink_landing past
+                # z = 0 instead made pairs with a near-zero rate, released and drifting back
+                # by ~1e-9, chatter on the reference problem, L = 3: ~40% of the steps were
+                # landings of ~1e-7.) Not the W-method's landing_band: with it the bench's
+                # L = 3 continuation ended with more than 256 pairs on kinks (TOO_MANY_KINKS
+                # at s = 9663, 2026-11-29); suspected, not isolated: near the limit a band of
+                # the tolerance is far wider than a step's travel, and pairs are held before
+                # they reach their kinks.
+                crossed, too_far, h_cross = ros.kink_crossings(
+                    z0, z1, in_e & ~kinks.on_kink, options.kink_landing * scale, h, rate0)
+                # Floored at the crossings' landing tolerance: units that no example uses decay
+                # (their own scale reached 1e-25 on the reference problem, L = 2, by s ~ 400),
+                # and a band relative to it alone asked for landings of 1e-14 (the step size
+                # collapsed).
+                band = jnp.maximum(options.on_kink * _unit_scale(z0, active.shape[0]),
+                                   options.kink_landing * scale)
+                back = leaving & (side * z1 < -0.5 * band)
+                back_too_far = leaving & (side * z1 < -band)
+                # A linear guess that ends 3/4 of the band past the kink, on the wrong side.
+                h_back = h * jnp.maximum(side * z0 + 0.75 * band, 1e-3 * band) / jnp.maximum(
+                    side * (z0 - z1), 1e-300)
+                h_kink = jnp.minimum(h_cross, jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
+                return crossed | back, ~jnp.any(too_far | back_too_far), h_kink
+
+            z1 = geometry.preactivations(theta_new / jnp.linalg.norm(theta_new))
+            crossed, landed_kinks, h_kink = kinks_at(z1, h)
+            # A step that passed its error test but went past a kink ends at the kink instead:
+            # the first root on Dormand-Prince's dense output (4th order, as the error
+            # estimate), where diffrax's events end a step. Why: redone from the start, a landing
+            # took two attempts and the pair's band was often missed again (the reference
+            # problem, L = 3, 1e6 -> 1e12: 69 of 228 attempts were such redos).
+
+            def at_kink(_):
+                def z_at(u):
+                    theta_u = dense(u)
+                    return geometry.preactivations(theta_u / jnp.linalg.norm(theta_u))
+
+                # Aimed at the middle of the landing bands: g = 0 half the crossing band past
+                # the kink (crossings), or 3/4 of the band on the wrong side (leaving pairs).
+                scale = jnp.maximum(jnp.mean(jnp.abs(z1)), 1e-300)
+                band = jnp.maximum(options.on_kink * _unit_scale(z0, active.shape[0]),
+                                   options.kink_landing * scale)
+                free = in_e & ~kinks.on_kink & (z0 != 0)
+                sign = jnp.where(free, jnp.sign(z0), side)
+                offset = jnp.where(free, 0.5 * options.kink_landing * scale, 0.75 * band)
+
+                def g_at(u):
+                    return sign * z_at(u) + offset
+
+                u = _first_root_of_any(g_at, (free | leaving) & (g_at(0.0) > 0), h_kink / h)
+                crossed_u, landed_u, _ = kinks_at(z_at(u), u * h)
+                return dense(u), u, crossed_u, landed_u
+
+            def not_tried(_):
+                return theta_new, jnp.ones((), dtype), crossed, jnp.asarray(False)
+
+            try_kink = ~landed_kinks & (err <= 1.0) & jnp.isfinite(err)
+            theta_u, u, crossed_u, landed_u = jax.lax.cond(try_kink, at_kink, not_tried, None)
+            truncated = try_kink & landed_u & (u < 1.0)
+            theta_new = jnp.where(truncated, theta_u, theta_new)
+            crossed = jnp.where(truncated, crossed_u, crossed)
+            landed_kinks = landed_kinks | truncated
+            h_done = jnp.where(truncated, u * h, h)
             held = _held_pairs(geometry, kinks) | crossed
-        theta_new = equalize(margins_and_grads, theta_new, active, geometry=geometry, kinks=kinks,
-                             held=held, candidates=options.candidates)  # fmt: skip
-        # The field at the step's end with the step's E, for the clocks (the next step's Wolfe
-        # call may change E, not the common margin).
-        end = evaluate(margins_and_grads, degree, theta_new, active, geometry, kinks)
-        finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(theta_new)) & jnp.isfinite(end.q_min)
+
+        def finish(theta_new):
+            """(end point on E's equal margins and the held kinks, its field with the step's E
+            (for the clocks: the next step's Wolfe call may change E, not the common margin),
+            the gaps to the common margin)."""
+            theta_new = equalize(margins_and_grads, theta_new, active, geometry=geometry,
+                                 kinks=kinks, held=held, candidates=options.candidates)
+            end = evaluate(margins_and_grads, degree, theta_new, active, geometry, kinks)
+            if geometry is None:
+                gap1 = last.margins - last.q_min
+            else:  # off E with the live activation pattern (their pairs may have crossed)
+                gap1 = margins_and_grads(theta_new, None)[0] - end.q_min
+            return theta_new, end, gap1
+
+        def skip(theta_new):
+            return theta_new, F1, F1.margins - F1.q_min
+
+        # A step that fails its error test or a kink landing is redone without the projection
+        # and the end field (~23 ms of a ~70 ms attempt on the reference problem, L = 3); its
+        # examples joining E are then found on the redo.
+        finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(theta_new))
+        passed = (err <= 1.0) & finite & landed_kinks
+        theta_new, end, gap1 = jax.lax.cond(passed, finish, skip, theta_new)
+        finite = finite & jnp.isfinite(end.q_min)
         err = jnp.where(finite, err, jnp.inf)
 
         # Events: an example off E comes down through the common margin (it joins), or a weight
@@ -441,13 +563,9 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         # `landing` / `leaving` past the event; the next step's Wolfe call sorts E out.
         scale = jnp.abs(last.q_min)
         gap0 = F1.margins - F1.q_min
-        if geometry is None:
-            gap1 = last.margins - last.q_min
-        else:  # the margins off E with the live activation pattern (their pairs may have crossed)
-            gap1 = margins_and_grads(theta_new, None)[0] - end.q_min
         crossed = ~active & (gap1 < -options.landing * scale) & (gap0 > gap1)
         h_join = jnp.min(jnp.where(
-            crossed, h * (gap0 + 0.5 * options.landing * scale) / (gap0 - gap1), jnp.inf))
+            crossed, h_done * (gap0 + 0.5 * options.landing * scale) / (gap0 - gap1), jnp.inf))
         left = active & (last.weights < -options.leaving)
         h_leave = jnp.min(jnp.where(
             left, h * (F1.weights + 0.5 * options.leaving) / (F1.weights - last.weights), jnp.inf))
@@ -455,8 +573,9 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
         landed = ~jnp.any(crossed) & ~jnp.any(left) & landed_kinks
 
         tau_new = c.aux[0] + ros.exp_trapezoid(
-            h, log_dtau_ds(degree, c.x, F1.q_min), log_dtau_ds(degree, c.x + h, end.q_min))
-        x_new = jnp.where(clipped, target, c.x + h)
+            h_done, log_dtau_ds(degree, c.x, F1.q_min),
+            log_dtau_ds(degree, c.x + h_done, end.q_min))  # fmt: skip
+        x_new = jnp.where(clipped & ~truncated, s_end, c.x + h_done)
         aux_new = aux_at(x_new, tau_new, end)
         finite = finite & jnp.all(jnp.isfinite(aux_new))
         accept = (err <= 1.0) & landed & finite
@@ -474,10 +593,42 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, weig
             max_sliding=jnp.maximum(c.max_sliding, num_held.astype(jnp.int32)),
             start=(F1, kinks), fresh=accept,
         )  # fmt: skip
-        at_save = accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
-        stored = ros._store(new, new.x, new.y, new.aux, jnp.minimum(c.index, S - 1))
-        new = jax.tree.map(lambda a, b: jnp.where(at_save, a, b), stored, new)
-        new = new._replace(index=c.index + at_save)
+        # The save points the step passed: from the dense output, each put back on E's equal
+        # margins and the held kinks (equalize; the dense output is off them by its error) with
+        # clocks from the margins there. Why not steps cut at the save grid (as the W-method
+        # does): on the reference problem, L = 3, 1e6 -> 1e12, the 150 saves cut ~90 of the
+        # limit flow's ~155 steps, whose error test allowed steps ~10x longer.
+        held_before = None if geometry is None else _held_pairs(geometry, kinks)
+        log_rate0 = log_dtau_ds(degree, c.x, F1.q_min)
+
+        def pending(state):
+            new, _ = state
+            return accept & (new.index < S) & (save_xs[jnp.minimum(new.index, S - 1)] <= x_new)
+
+        def save_next(state):
+            new, _ = state
+            index = jnp.minimum(new.index, S - 1)
+            x_save = save_xs[index]
+            at_end = x_save >= x_new
+
+            def between(_):
+                u = (x_save - c.x) / h
+                theta = equalize(margins_and_grads, dense(u), active, geometry=geometry,
+                                 kinks=kinks, held=held_before, candidates=options.candidates)
+                q = margins_and_grads(theta, None if kinks is None else kinks.gates)[0]
+                q_min = F1.weights @ q
+                tau = c.aux[0] + ros.exp_trapezoid(x_save - c.x, log_rate0,
+                                                   log_dtau_ds(degree, x_save, q_min))
+                rate = dense_rate(u) / h
+                log_t_loss = quasi_steady_log_t_loss(degree, x_save, q_min,
+                                                     rate - (rate @ theta) * theta)
+                return theta, jnp.stack([tau, log_t_loss])
+
+            theta, aux = jax.lax.cond(at_end, lambda _: (theta_new, aux_new), between, None)
+            new = ros._store(new, jnp.where(at_end, x_new, x_save), theta, aux, index)
+            return new._replace(index=new.index + 1), at_end
+
+        new, at_save = jax.lax.while_loop(pending, save_next, (new, jnp.asarray(False)))
 
         converged = (direction_tol > 0) & (jnp.linalg.norm(F1.dtheta) < direction_tol)
         collapsed = h_next < 1e-14 * (1.0 + jnp.abs(c.x))
