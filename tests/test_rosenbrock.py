@@ -13,6 +13,7 @@ import jaxmargin as jm
 from jaxmargin._checks import theorem5_max_decrease
 from jaxmargin._flow import _rosenbrock as ros
 from jaxmargin._flow import _solution as codes
+from jaxmargin._flow._box_qp import FISTA_ITERATIONS
 
 from helpers import linearly_separable
 
@@ -105,15 +106,18 @@ def test_projected_in_row_space_matches_the_projector(rng):
     assert np.abs(expected[active]).max() <= 1e-12 * scale
 
 
+@pytest.mark.parametrize("iterations", [300, FISTA_ITERATIONS, 0])
 @pytest.mark.parametrize("k, conditioning, rank_deficient",
                          [(4, 0.0, False), (16, 1.0, False), (64, 3.0, False), (128, 0.0, False),
                           (64, 3.0, True), (128, 1.0, True)])  # fmt: skip
-def test_box_qp_matches_scipy_bounded_least_squares(k, conditioning, rank_deficient, rng):
+def test_box_qp_matches_scipy_bounded_least_squares(k, conditioning, rank_deficient, iterations,
+                                                    rng):
     """box_qp(C^T C, C^T d) is the bounded least-squares problem min ||C b + d|| that
     scipy.optimize.lsq_linear solves independently; compared at the optimum's objective (the
     argmin need not be unique) and its residual vector (which is). Column scales spread by
     e^(3 N(0, 1)) and Grams of rank k / 2: before the active-set finish, 6e-2 (relative) above
-    the optimum on the first and up to 1e21 on the second."""
+    the optimum on the first and up to 1e21 on the second. From FISTA's default start, from a
+    long FISTA run and from none (the finish alone)."""
     from scipy.optimize import lsq_linear
 
     from jaxmargin._flow._box_qp import box_qp
@@ -126,7 +130,7 @@ def test_box_qp_matches_scipy_bounded_least_squares(k, conditioning, rank_defici
         hi = rng.random(k) + 0.1
         free = rng.random(k) < 0.9
         b = np.asarray(box_qp(jnp.asarray(C.T @ C), jnp.asarray(C.T @ d), jnp.asarray(lo),
-                              jnp.asarray(hi), jnp.asarray(free), 300))  # fmt: skip
+                              jnp.asarray(hi), jnp.asarray(free), iterations))  # fmt: skip
         assert np.all(b >= np.where(free, lo, 0.0) - 1e-15)
         assert np.all(b <= np.where(free, hi, 0.0) + 1e-15)
         reference = lsq_linear(C[:, free], -d, bounds=(lo[free], hi[free]), tol=1e-14,

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 
 from .._wolfe import WEIGHT_FLOOR, affine_minimizer, bordered_solve, wolfe
 from . import _rosenbrock as ros
+from ._box_qp import FISTA_ITERATIONS
 from ._kink_geometry import KinkGeometry
 
 # Dormand & Prince (1980), 5(4): stage coefficients, 5th-order weights, 4th-order weights.
@@ -92,7 +93,7 @@ class LimitOptions(NamedTuple):
         on_kink: |z| relative to the largest |z| of the same unit over all examples, below
             which a pair counts as on its kink.
         kink_landing: how far past a kink (relative to mean |z|) a step may end.
-        qp_iterations: iterations of the box QP for the kinks' Clarke element.
+        qp_iterations: FISTA iterations of the box QP for the kinks' Clarke element.
     """
 
     tol: float = 1e-8
@@ -105,7 +106,7 @@ class LimitOptions(NamedTuple):
     candidates: int = 256
     on_kink: float = 1e-6
     kink_landing: float = 1e-9
-    qp_iterations: int = 300
+    qp_iterations: int = FISTA_ITERATIONS
 
 
 class StepKinks(NamedTuple):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._margins import log_exp_loss_from_scaled
-from ._box_qp import box_qp
+from ._box_qp import FISTA_ITERATIONS, box_qp
 from ._fields import softmax_of_scaled
 from ._kink_geometry import KinkGeometry
 
@@ -69,7 +69,8 @@ class RosenbrockOptions(NamedTuple):
         on_kink: |z| / mean |z| below which a pair counts as on its kink.
         landing: how far past t0 a step may end; how far from a kink (relative to mean |z|) a
             step that lands on it may always end (see landing_band).
-        qp_iterations: iterations of the box QP that picks the Clarke element on kinks.
+        qp_iterations: FISTA iterations of the box QP that picks the Clarke element on kinks
+            (its active-set finish then solves exactly; see _box_qp.FISTA_ITERATIONS).
         first_step: the first step size tried.
         method: "ros2" (order 2) or "ros34pw2" (order 3; see METHODS and gradient_flow).
     """
@@ -78,7 +79,7 @@ class RosenbrockOptions(NamedTuple):
     candidates: int = 128
     on_kink: float = 1e-6
     landing: float = 1e-9
-    qp_iterations: int = 300
+    qp_iterations: int = FISTA_ITERATIONS
     first_step: float = 1e-4
     method: str = "ros2"
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._box_qp import box_qp
+from ._box_qp import FISTA_ITERATIONS, box_qp
 from ._rosenbrock import on_kink_slots
 
 
@@ -40,7 +40,7 @@ class SlidingOptions(NamedTuple):
     # test_explicit_engine_band_error_on_the_same_problem, gamma~ at s0 + 0.5 is 7.7e-5 (relative)
     # from converged fixed-step Euler with 1e-4 and 4.2e-7 with 1e-6 (the W-method: 2.5e-7).
     threshold: float = 1e-4
-    qp_iterations: int = 500
+    qp_iterations: int = FISTA_ITERATIONS
 
 
 # Slots of the smaller Clarke element (see make_velocity).
