@@ -133,10 +133,10 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     # Examples within 40 / beta of the minimum start on it: at most 4e-5 (beta >= 1e6), a start
     # far from the limit (small beta) begins with the examples nearest the minimum only.
     s_enter = jnp.maximum(s0, math.log(1e6) / degree)
-    theta1, weights1 = lim.enter(margins_and_grads, degree, options, s_enter, theta, geometry)
+    entry = lim.enter(margins_and_grads, degree, options, s_enter, theta, geometry)
     save_ss = jnp.linspace(s0, s_max, num_saves)
-    out = lim.integrate(margins_and_grads, degree, options, s0, theta1, weights1, jnp.zeros(()),
-                        s_max, save_ss, max_steps, direction_tol, geometry)  # fmt: skip
+    out = lim.integrate(margins_and_grads, degree, options, s0, entry, jnp.zeros(()), s_max,
+                        save_ss, max_steps, direction_tol, geometry)  # fmt: skip
 
     # The field at the last point, E chosen afresh among the examples on the minimum.
     def on_minimum(q):
@@ -147,4 +147,4 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     field, _ = lim.choose_kinks(margins_and_grads, degree, options, out.y, on_minimum, start,
                                 geometry)  # fmt: skip
     weights = jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0)
-    return theta1, out, field._replace(weights=weights)
+    return entry.theta, out, field._replace(weights=weights)
