@@ -224,9 +224,8 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
         limit_options = lim.LimitOptions(tol=static.rtol)
         # With kinks the limit flow freezes the activation pattern within a step (branch values).
         limit_margins = margins_and_grads if geometry is None else branch_margins_and_grads
-        entry = lim.enter(limit_margins, degree, limit_options, out.x, out.y, geometry)
         limit = lim.integrate(
-            limit_margins, degree, limit_options, out.x, entry, out.aux[0],
+            limit_margins, degree, limit_options, out.x, out.y, out.aux[0],
             jnp.where(go_on, s_end, out.x), save_ss,
             jnp.maximum(static.max_steps - out.steps - out.rejected, 1), direction_tol, geometry,
         )  # fmt: skip

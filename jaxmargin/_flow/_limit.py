@@ -120,14 +120,6 @@ class StepKinks(NamedTuple):
     overflow: jax.Array  # more pairs on their kinks than the k slots
 
 
-class Entry(NamedTuple):
-    """Where the limit flow starts (enter): the unit direction, lambda and the field there."""
-
-    theta: jax.Array
-    weights: jax.Array
-    field: object  # _LimitField: for the start's clocks
-
-
 class _LimitField(NamedTuple):
     dtheta: jax.Array  # dtheta/ds (tangent at the unit direction)
     margins: jax.Array  # q (n,)
@@ -387,45 +379,38 @@ def quasi_steady_log_t_loss(degree, s, q_min, dtheta):
     return log_dtau_ds(degree, s, q_min) - log_rate - correction
 
 
-def enter(margins_and_grads, degree, options: LimitOptions, s, theta, geometry=None):
-    """From a point of the flow at finite beta = e^(L s): E and lambda by Wolfe over the examples
-    that p does not yet separate from the minimum (with kinks: and the sliding pairs), then the
+def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0, s_end,
+              save_xs, max_steps, direction_tol=0.0, geometry=None,
+              s_enter=None) -> ros.Integration:
+    """The limit flow from a point (s0, theta0) of the flow at finite beta to s_end, saving at
+    the save_xs >= s0 (the entry point is the row at s0); aux = (tau, ln(t L)) as in the
+    W-method. Stops early when ||dtheta/ds|| < direction_tol. With `geometry` (ReLU nets),
+    margins_and_grads must take the branch values of gated units
+    (_kink_geometry.per_example_margins(..., branch=True)).
+
+    The first iteration enters the limit flow (a step of size 0, not counted): E and lambda by
+    Wolfe over the examples that p = softmax(-beta q) at beta = e^(L s_enter) (default s0)
+    does not yet separate from the minimum (with kinks: and the sliding pairs), then the
     nearest point with E's margins equal (a move of O(1/beta): the margins of E differ by
-    ln(p_i / p_j) / beta at finite beta) and the sliding pairs on their kinks: an Entry."""
-    unit = theta / jnp.linalg.norm(theta)
-
-    def allowed_of(q):
-        return (q - jnp.min(q)) * jnp.exp(degree * s) < _SWITCH_GAP
-
-    # Wolfe starts from the example of smallest margin (always allowed).
-    q, _ = margins_and_grads(unit, None)
-    weights0 = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
-    field, kinks = choose_kinks(margins_and_grads, degree, options, unit, allowed_of, weights0,
-                                geometry)  # fmt: skip
-    held = None if geometry is None else _held_pairs(geometry, kinks)
-    active = field.weights > WEIGHT_FLOOR
-    theta = equalize(margins_and_grads, unit, active, geometry=geometry, kinks=kinks, held=held,
-                     candidates=options.candidates)  # fmt: skip
-    return Entry(theta, field.weights, evaluate(margins_and_grads, degree, theta, active, geometry,
-                                                kinks))  # fmt: skip
-
-
-def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry, tau0, s_end,
-              save_xs, max_steps, direction_tol=0.0, geometry=None) -> ros.Integration:
-    """The limit flow from s0 and the Entry point (from `enter`) to s_end, saving at
-    the save_xs > s0; aux = (tau, ln(t L)) as in the W-method. Stops early when ||dtheta/ds|| <
-    direction_tol. With `geometry` (ReLU nets), margins_and_grads must take the branch values of
-    gated units (_kink_geometry.per_example_margins(..., branch=True))."""
-    theta0, weights0 = entry.theta, entry.weights
+    ln(p_i / p_j) / beta at finite beta) and the sliding pairs on their kinks. Why in the loop:
+    its Wolfe / Clarke rounds, projection and field are the steps' own (one copy each in the
+    compiled program: ~4 s less compilation on the reference problem, L = 3)."""
     dtype = theta0.dtype
     S = save_xs.shape[0]
+    theta0 = theta0 / jnp.linalg.norm(theta0)
+    log_beta_enter = degree * (s0 if s_enter is None else s_enter)
+    # Wolfe starts from the example of smallest margin (always allowed).
+    q0, _ = margins_and_grads(theta0, None)
+    weights0 = jnp.zeros_like(q0).at[jnp.argmin(q0)].set(1.0)
     if geometry is not None:
         pairs_per_example = geometry.num_pairs // weights0.shape[0]
 
-    def start_field(theta, weights):
+    def start_field(theta, weights, entering):
         def allowed_of(q):
-            near = (q - jnp.min(q)) <= options.touching * jnp.abs(jnp.min(q))
-            return near | (weights > 0)
+            gap = q - jnp.min(q)
+            near = gap <= options.touching * jnp.abs(jnp.min(q))
+            return jnp.where(entering, gap <= _SWITCH_GAP * jnp.exp(-log_beta_enter),
+                             near | (weights > 0))  # fmt: skip
 
         return choose_kinks(margins_and_grads, degree, options, theta, allowed_of, weights,
                             geometry)  # fmt: skip
@@ -433,12 +418,10 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
     def aux_at(s, tau, field):
         return jnp.stack([tau, quasi_steady_log_t_loss(degree, s, field.q_min, field.dtheta)])
 
-    # The step's start (Wolfe, the kinks' Clarke element) is kept for a rejected step's redo;
-    # the first one is computed in the loop (one copy of choose_kinks in the compiled program:
-    # ~1.5 s less compilation on the reference problem, L = 3).
-    start0 = ros.placeholder(lambda: start_field(theta0, weights0))
-    num_initial = jnp.sum(save_xs <= s0)
-    aux0 = aux_at(s0, tau0, entry.field)
+    # The step's start (Wolfe, the kinks' Clarke element) is kept for a rejected step's redo.
+    start0 = ros.placeholder(lambda: start_field(theta0, weights0, True))
+    num_initial = jnp.sum(save_xs < s0)
+    aux0 = jnp.stack([jnp.asarray(tau0, dtype), jnp.asarray(jnp.nan, dtype)])  # set on entry
     carry = ros._Carry(
         x=jnp.asarray(s0, dtype), y=theta0, aux=aux0, z=weights0,
         h=jnp.asarray(options.first_step, dtype), h_resume=jnp.zeros((), dtype),
@@ -451,12 +434,14 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
     )  # fmt: skip
 
     def body(c: ros._Carry):
+        entering = c.steps == 0  # the entry iteration (counted in steps, subtracted at the end)
         # The carry's z holds lambda (the W-method keeps pre-activations there).
-        F1, kinks = ros.reuse_after_rejection(c.fresh, lambda: start_field(c.y, c.z), c.start)
+        F1, kinks = ros.reuse_after_rejection(c.fresh, lambda: start_field(c.y, c.z, entering),
+                                              c.start)  # fmt: skip
         active = F1.weights > WEIGHT_FLOOR
         # Steps end at s_end, not at the save grid (the saves come from the dense output).
-        clipped = c.h >= s_end - c.x
-        h = jnp.where(clipped, s_end - c.x, c.h)
+        clipped = (c.h >= s_end - c.x) & ~entering
+        h = jnp.where(entering, 0.0, jnp.where(clipped, s_end - c.x, c.h))
 
         # The stages in a loop (one field in the compiled program instead of six).
         def stage(i, state):
@@ -518,6 +503,8 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
 
             z1 = geometry.preactivations(theta_new / jnp.linalg.norm(theta_new))
             crossed, landed_kinks, h_kink = kinks_at(z1, h)
+            # Entering, the held pairs are the sliding ones only.
+            crossed, landed_kinks = crossed & ~entering, landed_kinks | entering
             # A step that passed its error test but went past a kink ends at the kink instead:
             # the first root on Dormand-Prince's dense output (4th order, as the error
             # estimate), where diffrax's events end a step. Why: redone from the start, a landing
@@ -594,7 +581,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
         h_leave = jnp.min(jnp.where(
             left, h * (F1.weights + 0.5 * options.leaving) / (F1.weights - last.weights), jnp.inf))
         h_land = jnp.minimum(jnp.minimum(h_join, h_leave), h_kink)
-        landed = ~jnp.any(crossed) & ~jnp.any(left) & landed_kinks
+        landed = (~jnp.any(crossed) & ~jnp.any(left) & landed_kinks) | entering
 
         tau_new = c.aux[0] + _tau_increment(degree, c.x, h_done, F1.q_min, F1.dtheta, end.q_min,
                                             end.dtheta)  # fmt: skip
@@ -608,6 +595,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
         factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** -0.2, 0.2, 5.0)
         h_next, h_resume = ros.next_step(c, accept, clipped, h, factor, h_land,
                                          (err <= 1.0) & finite)
+        h_next = jnp.where(entering, c.h, h_next)
         num_held = jnp.sum(active) if geometry is None else jnp.sum(kinks.hold)
         new = c._replace(
             x=jnp.where(accept, x_new, c.x), y=jnp.where(accept, theta_new, c.y),
@@ -652,7 +640,8 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
 
         new, at_save = jax.lax.while_loop(pending, save_next, (new, jnp.asarray(False)))
 
-        converged = (direction_tol > 0) & (jnp.linalg.norm(F1.dtheta) < direction_tol)
+        converged = ((direction_tol > 0) & (jnp.linalg.norm(F1.dtheta) < direction_tol)
+                     & ~entering)  # fmt: skip
         collapsed = h_next < 1e-14 * (1.0 + jnp.abs(c.x))
         outcome = jnp.select(
             [overflow, accept & (x_new >= s_end), converged, collapsed,
@@ -669,4 +658,4 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, entry: Entry
 
     out = jax.lax.while_loop(lambda c: c.outcome < 0, body, carry)
     return ros.Integration(out.xs, out.ys, out.auxs, out.saved, out.x, out.y, out.aux, out.outcome,
-                           out.steps, out.rejected, out.max_sliding)  # fmt: skip
+                           jnp.maximum(out.steps - 1, 0), out.rejected, out.max_sliding)

@@ -69,10 +69,10 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
     `params` should be a point of gradient flow at large beta = ||params||^L (for instance the
     last point of gradient_flow(..., solver="rosenbrock")): the examples within 40 / beta of the
     minimum margin (at most 4e-5: 40 / max(beta, 1e6)) start on it, with the min-norm point of
-    their Clarke gradients as weights (_limit.enter). From there the flow is autonomous in s:
-    the direction moves along the min-norm element of the Clarke subdifferential of the minimum
-    margin (tangent part), the margins on the minimum rise together, sliding ReLU kinks are held
-    (see _limit.py).
+    their Clarke gradients as weights (the entry of _limit.integrate). From there the flow is
+    autonomous in s: the direction moves along the min-norm element of the Clarke subdifferential
+    of the minimum margin (tangent part), the margins on the minimum rise together, sliding ReLU
+    kinks are held (see _limit.py).
 
     Args:
         predictor: an L-homogeneous Predictor. params: the start (its scale sets s0 and beta).
@@ -106,12 +106,12 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
         raise ValueError(f"the direction of params does not separate the data (min normalized "
                          f"margin {np.min(q)})")  # fmt: skip
     tol = 0.0 if direction_tol is None else float(direction_tol)
-    theta1, out, field = _run(predictor, int(num_saves), int(max_steps), float(rtol), X, y,
-                              unravel(theta), s0, float(s_max), tol)  # fmt: skip
-    # The start (after `enter`) first, then the saved rows.
+    out, field = _run(predictor, int(num_saves), int(max_steps), float(rtol), X, y,
+                      unravel(theta), s0, float(s_max), tol)  # fmt: skip
+    # The saved rows: the first is the entry point at s0 (see _limit.integrate).
     saved = np.asarray(out.saved)
-    thetas = np.concatenate([np.asarray(theta1)[None], np.asarray(out.ys)[saved]])
-    ss = np.concatenate([[s0], np.asarray(out.xs)[saved]])
+    thetas = np.asarray(out.ys)[saved]
+    ss = np.asarray(out.xs)[saved]
     directions = jax.vmap(unravel)(jnp.asarray(thetas))
     margins = jax.vmap(lambda t: jnp.min(y * jax.vmap(predictor.apply, in_axes=(None, 0))(
         unravel(t), X)))(jnp.asarray(thetas))  # fmt: skip
@@ -133,10 +133,9 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     # Examples within 40 / beta of the minimum start on it: at most 4e-5 (beta >= 1e6), a start
     # far from the limit (small beta) begins with the examples nearest the minimum only.
     s_enter = jnp.maximum(s0, math.log(1e6) / degree)
-    entry = lim.enter(margins_and_grads, degree, options, s_enter, theta, geometry)
     save_ss = jnp.linspace(s0, s_max, num_saves)
-    out = lim.integrate(margins_and_grads, degree, options, s0, entry, jnp.zeros(()), s_max,
-                        save_ss, max_steps, direction_tol, geometry)  # fmt: skip
+    out = lim.integrate(margins_and_grads, degree, options, s0, theta, jnp.zeros(()), s_max,
+                        save_ss, max_steps, direction_tol, geometry, s_enter=s_enter)  # fmt: skip
 
     # The field at the last point, E chosen afresh among the examples on the minimum.
     def on_minimum(q):
@@ -147,4 +146,4 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     field, _ = lim.choose_kinks(margins_and_grads, degree, options, out.y, on_minimum, start,
                                 geometry)  # fmt: skip
     weights = jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0)
-    return entry.theta, out, field._replace(weights=weights)
+    return out, field._replace(weights=weights)
