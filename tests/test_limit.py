@@ -135,8 +135,8 @@ def test_linear_soudry_reaches_beta_1e300():
 @pytest.mark.parametrize("depth", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_limit_flow_continues_the_flow_at_finite_beta(depth):
     """Switching at beta = 1e8 vs the W-method all the way to 1e10: the same direction, soft
-    margin and clocks up to the O(1/beta) the limit flow neglects (measured 2.5e-9 / 4e-10 /
-    4e-10 / 3e-12 for L = 2)."""
+    margin and clocks up to the O(1/beta) the limit flow neglects (measured 1.7e-9 / 4.1e-10 /
+    4.1e-10 / 1.4e-12 for L = 2)."""
     X, y = linearly_separable(20261128, 40, 10)
     predictor = jm.deep_linear(depth, 5)
     finite_beta, limit = _switch_against_finite_beta(
@@ -238,7 +238,8 @@ def test_limit_flow_continues_a_relu_flow_to_a_kkt_point(depth, seed):
 def test_relu_limit_flow_continues_the_flow_at_finite_beta():
     """ReLU L = 2: switching to the limit flow at beta = 1e6 vs the W-method all the way to
     1e8: the same direction, soft margin and clocks up to O(1/beta) at the switch (measured
-    5.1e-7 / 9.0e-8 / 9.0e-8 / 2.1e-8)."""
+    1.8e-6 / 1.3e-7 / 1.3e-7 / 9.2e-9; 5.1e-7 / 9.0e-8 / 9.0e-8 / 2.1e-8 before the limit
+    flow's kink landings and saves used its dense output)."""
     predictor, params0, X, y = _small_relu_problem(2)
     _switch_against_finite_beta(predictor, params0, X, y, 1e8, 1e6, 200_000, direction_tol=5e-6,
                                 tols=(1e-6, 1e-6, 1e-7))  # fmt: skip
