@@ -23,6 +23,7 @@ from .._margins import log_norm
 from .._validation import check_all
 from . import _solution as S
 from . import _limit as lim
+from . import _pipeline
 from . import _rosenbrock as ros
 from ._kink_geometry import kink_geometry, per_example_margins
 from ._sliding import SlidingOptions, make_velocity
@@ -67,6 +68,22 @@ class _Static(NamedTuple):
     stop_on_direction: bool
     sliding: SlidingOptions | None
     limit_beta: float | None
+
+
+class _Phase1(NamedTuple):
+    """Phase 1's rows and where it ended: what phase 2 starts from."""
+
+    records: S.FlowSolution  # the log-spaced saves, then the final point
+    steps: jax.Array
+    rejected: jax.Array
+    out_of_steps: jax.Array
+    start_separated: jax.Array  # params0 separates the data already: no phase 1
+    separated: jax.Array
+    w1: jax.Array  # w at t0 (params0 for a run that starts separated)
+    tau1: jax.Array
+    log_t_loss1: jax.Array  # ln(t L) at t0
+    run_phase2: jax.Array
+    s_end: jax.Array  # where phase 2 ends
 
 
 def _record(
@@ -177,16 +194,28 @@ def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, ta
     return solution, s0
 
 
-def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, s_end,
-                       direction_tol, start_separated):
-    """Phase 2 on the linearly implicit integrator; returns (records, outcome code, steps,
-    rejected steps, s0) with the same record layout as the diffrax path."""
+class _WMethod(NamedTuple):
+    """Phase 2's W-method integration (solver="rosenbrock") and where it started."""
+
+    run: ros.Integration
+    s0: jax.Array
+
+
+class _Rows(NamedTuple):
+    """Phase 2's saved rows with its outcome code and step counts."""
+
+    records: S.FlowSolution
+    code: jax.Array
+    steps: jax.Array
+    rejected: jax.Array
+    s0: jax.Array
+
+
+def _w_method(static, predictor, unravel, X, y, phase1: _Phase1, direction_tol) -> _WMethod:
+    """Phase 2 on the linearly implicit integrator, up to the switch to the limit flow."""
     degree = predictor.degree
     margins_and_grads = per_example_margins(predictor, unravel, X, y)
-
-    def margins(w):
-        return margins_and_grads(w, None)[0]
-
+    w1 = phase1.w1
     geometry = kink_geometry(predictor, unravel, X, y, w1)
     clock = ros.Clock(True, degree)
     # ROS34PW2 where kinks make a step's start dear (its kink step, ~45% of a ROS2 attempt on the
@@ -200,10 +229,9 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
     s0 = log_norm(w1)
     theta0 = w1 * jnp.exp(-s0)
     # A run that starts separated sets its clock t at the quasi-steady value (see there).
-    log_t_loss0 = jnp.where(start_separated,
+    log_t_loss0 = jnp.where(phase1.start_separated,
                             ros.quasi_steady_log_t_loss(clock, margins_and_grads, s0, theta0),
-                            log_t_loss1)  # fmt: skip
-    save_ss = jnp.linspace(s0, s_end, static.saves_phase2)
+                            phase1.log_t_loss1)  # fmt: skip
     # Phase 2 switches to the beta -> infinity limit flow (_limit.py) at limit_beta, or earlier,
     # from beta = 1e8 on, where the W-method's steps stall (its linearised softmax then flips
     # between minimum-margin examples within a step: diagonal nets at beta ~ 2e8).
@@ -212,23 +240,54 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
     s_switch = math.log(static.limit_beta) / degree if use_limit else math.inf
     stall = (min(math.log(_STALL_BETA), math.log(static.limit_beta)) / degree,
              _STALL_STEP) if use_limit else None  # fmt: skip
-    out = ros.integrate(
-        clock, margins, margins_and_grads, geometry, options, s0, theta0,
-        jnp.stack([tau1, log_t_loss0]), jnp.minimum(s_end, s_switch), save_ss,
-        static.max_steps, direction_tol=direction_tol,
+    run = ros.integrate(
+        clock, lambda w: margins_and_grads(w, None)[0], margins_and_grads, geometry, options, s0,
+        theta0, jnp.stack([phase1.tau1, log_t_loss0]), jnp.minimum(phase1.s_end, s_switch),
+        _save_ss(static, s0, phase1.s_end), static.max_steps, direction_tol=direction_tol,
         branch_margins_and_grads=branch_margins_and_grads, stall=stall,
     )  # fmt: skip
+    return _WMethod(run, s0)
+
+
+def _save_ss(static, s0, s_end):
+    return jnp.linspace(s0, s_end, static.saves_phase2)
+
+
+def _continues_in_limit(w: _WMethod, s_end):
+    run = w.run
+    return ((run.outcome == ros.REACHED_END) | (run.outcome == ros.STALLED)) & (s_end > run.x)
+
+
+def _limit_flow(static, predictor, unravel, X, y, phase1: _Phase1, w: _WMethod,
+                direction_tol) -> ros.Integration:
+    """Phase 2 from the W-method's end on the beta -> infinity limit flow (a run of no steps
+    where the W-method did not hand over)."""
+    geometry = kink_geometry(predictor, unravel, X, y, phase1.w1)
+    run, s_end = w.run, phase1.s_end
+    go_on = _continues_in_limit(w, s_end)
+    # With kinks the limit flow freezes the activation pattern within a step (branch values).
+    limit_margins = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
+    return lim.integrate(
+        limit_margins, predictor.degree, lim.LimitOptions(tol=static.rtol), run.x, run.y,
+        run.aux[0], jnp.where(go_on, s_end, run.x), _save_ss(static, w.s0, s_end),
+        jnp.maximum(static.max_steps - run.steps - run.rejected, 1), direction_tol, geometry,
+    )  # fmt: skip
+
+
+def _rosenbrock_rows(static, predictor, unravel, X, y, phase1: _Phase1, w: _WMethod,
+                     limit: ros.Integration | None) -> _Rows:
+    """Phase 2's rows from the W-method and the limit flow, in the diffrax path's layout."""
+    degree = predictor.degree
+    margins_and_grads = per_example_margins(predictor, unravel, X, y)
+
+    def margins(w):
+        return margins_and_grads(w, None)[0]
+
+    clock = ros.Clock(True, degree)
+    out = w.run
     outcome, steps, rejected = out.outcome, out.steps, out.rejected
-    if use_limit:
-        go_on = ((out.outcome == ros.REACHED_END) | (out.outcome == ros.STALLED)) & (s_end > out.x)
-        limit_options = lim.LimitOptions(tol=static.rtol)
-        # With kinks the limit flow freezes the activation pattern within a step (branch values).
-        limit_margins = margins_and_grads if geometry is None else branch_margins_and_grads
-        limit = lim.integrate(
-            limit_margins, degree, limit_options, out.x, out.y, out.aux[0],
-            jnp.where(go_on, s_end, out.x), save_ss,
-            jnp.maximum(static.max_steps - out.steps - out.rejected, 1), direction_tol, geometry,
-        )  # fmt: skip
+    if limit is not None:
+        go_on = _continues_in_limit(w, phase1.s_end)
         outcome = jnp.where(go_on, limit.outcome, out.outcome)
         steps, rejected = steps + limit.steps, rejected + limit.rejected
         out = _merge_rows(out, limit, go_on)
@@ -245,7 +304,7 @@ def _phase2_rosenbrock(static, predictor, unravel, X, y, w1, log_t_loss1, tau1, 
     records = jax.vmap(record)(out.xs, out.ys, out.auxs, out.saved)
     code = jnp.select([outcome == k for k in _OUTCOME_CODES], list(_OUTCOME_CODES.values()),
                       S.SOLVER_FAILED)  # fmt: skip
-    return records, code, steps, rejected, s0
+    return _Rows(records, code, steps, rejected, w.s0)
 
 
 def _merge_rows(finite_beta, limit, use_limit):
@@ -266,8 +325,15 @@ def _concatenate(first, second):
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
+# --------------------------------------------------------------------------- the stages
+# A run is a chain of stages, each a pure function of the static config, the data and the
+# earlier stages' outputs: phase 1; phase 2 (diffrax, or the W-method); the limit flow (solver
+# "rosenbrock" with a switch); the rows and status. _solve jits the whole chain as one program
+# (the batched and sharded paths vmap it); gradient_flow compiles the stages as separate
+# programs, the later ones while the earlier ones run (_pipeline.py).
+
+
+def _stage_phase1(static: _Static, params0, X, y, tau_max, s_target) -> _Phase1:
     predictor = static.predictor
     degree = predictor.degree
     w0, unravel = ravel_pytree(params0)
@@ -294,33 +360,68 @@ def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
     )
     # Phase 2 runs from s0 to s_target. A run that did not separate, or that separated beyond
     # the target already, gets a dummy phase 2 (diffrax needs increasing save times) whose
-    # rows are marked invalid below.
+    # rows are marked invalid.
     run_phase2 = separated & (s_target > s1)
     s_end = jnp.where(run_phase2, s_target, s1 + 1e-9 * (1.0 + jnp.abs(s1)))
+    return _Phase1(
+        records=_concatenate(sol1.ys[0], sol1.ys[1]),
+        steps=sol1.stats["num_accepted_steps"], rejected=sol1.stats["num_rejected_steps"],
+        out_of_steps=sol1.result == diffrax.RESULTS.max_steps_reached,
+        start_separated=start_separated, separated=separated, w1=w1, tau1=tau1,
+        log_t_loss1=log_t_loss1, run_phase2=run_phase2, s_end=s_end,
+    )  # fmt: skip
+
+
+def _stage_phase2(static: _Static, params0, X, y, phase1: _Phase1, direction_tol):
+    """Phase 2: its rows (diffrax), or the W-method's integration (rosenbrock)."""
+    predictor = static.predictor
+    _, unravel = ravel_pytree(params0)
     if static.solver == ROSENBROCK:
-        records2, code2, steps2, rejected2, s0 = _phase2_rosenbrock(
-            static, predictor, unravel, X, y, w1, log_t_loss1, tau1, s_end, direction_tol,
-            start_separated,
-        )  # fmt: skip
-        log_t_loss1 = jnp.where(start_separated, records2.log_t[0] + records2.log_loss[0],
+        return _w_method(static, predictor, unravel, X, y, phase1, direction_tol)
+    margin_fn = make_margin_fn(predictor, unravel, X, y)
+    velocity_fn = make_velocity(predictor, unravel, X, y, static.sliding)
+    sol2, s0 = _phase2(
+        static, margin_fn, velocity_fn, unravel, predictor.degree, phase1.w1, phase1.log_t_loss1,
+        phase1.tau1, phase1.s_end, direction_tol,
+    )  # fmt: skip
+    code = jnp.select(
+        [sol2.result == diffrax.RESULTS.event_occurred,
+         sol2.result == diffrax.RESULTS.max_steps_reached,
+         sol2.result == diffrax.RESULTS.successful],
+        [S.DIRECTION_CONVERGED, S.MAX_STEPS, S.REACHED_TARGET],
+        S.SOLVER_FAILED,
+    )  # fmt: skip
+    return _Rows(sol2.ys[0], code, sol2.stats["num_accepted_steps"],
+                 sol2.stats["num_rejected_steps"], s0)  # fmt: skip
+
+
+def _has_limit_stage(static: _Static):
+    return static.solver == ROSENBROCK and static.limit_beta is not None
+
+
+def _stage_limit(static: _Static, params0, X, y, phase1: _Phase1, phase2: _WMethod,
+                 direction_tol) -> ros.Integration:
+    _, unravel = ravel_pytree(params0)
+    return _limit_flow(static, static.predictor, unravel, X, y, phase1, phase2, direction_tol)
+
+
+def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
+    """The saved rows of both phases, valid flags and the status."""
+    predictor = static.predictor
+    _, unravel = ravel_pytree(params0)
+    margin_fn = make_margin_fn(predictor, unravel, X, y)
+    start_separated, separated, run_phase2 = (phase1.start_separated, phase1.separated,
+                                              phase1.run_phase2)  # fmt: skip
+    log_t_loss1 = phase1.log_t_loss1
+    if static.solver == ROSENBROCK:
+        rows2 = _rosenbrock_rows(static, predictor, unravel, X, y, phase1, phase2, limit)
+        log_t_loss1 = jnp.where(start_separated,
+                                rows2.records.log_t[0] + rows2.records.log_loss[0],
                                 log_t_loss1)  # fmt: skip
     else:
-        sol2, s0 = _phase2(
-            static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
-            direction_tol,
-        )
-        records2 = sol2.ys[0]
-        code2 = jnp.select(
-            [sol2.result == diffrax.RESULTS.event_occurred,
-             sol2.result == diffrax.RESULTS.max_steps_reached,
-             sol2.result == diffrax.RESULTS.successful],
-            [S.DIRECTION_CONVERGED, S.MAX_STEPS, S.REACHED_TARGET],
-            S.SOLVER_FAILED,
-        )  # fmt: skip
-        steps2 = sol2.stats["num_accepted_steps"]
-        rejected2 = sol2.stats["num_rejected_steps"]
+        rows2 = phase2
 
-    records = _concatenate(_concatenate(sol1.ys[0], sol1.ys[1]), records2)
+    records = _concatenate(phase1.records, rows2.records)
     in_phase2 = jnp.arange(records.s.shape[0]) >= static.saves_phase1
     valid = jnp.isfinite(records.s) & jnp.isfinite(records.tau) & jnp.where(
         in_phase2, run_phase2, ~start_separated
@@ -330,26 +431,46 @@ def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
                      | ~records.valid[None])  # fmt: skip
     code = jnp.select(
         [
-            ~separated & (sol1.result == diffrax.RESULTS.max_steps_reached),
+            ~separated & phase1.out_of_steps,
             ~separated,
             ~finite,
             ~run_phase2,
         ],
         [S.MAX_STEPS, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET],
-        code2,
+        rows2.code,
     )  # fmt: skip
     valid_soft = jnp.where(records.valid, records.soft_margin, -jnp.inf)
     status = S.FlowStatus(
         code=code,
         separated=separated,
-        steps=jnp.stack([sol1.stats["num_accepted_steps"], steps2]),
-        rejected_steps=jnp.stack([sol1.stats["num_rejected_steps"], rejected2]),
-        tau0=jnp.where(separated, tau1, jnp.nan),
-        s0=jnp.where(separated, s0, jnp.nan),
-        log_t0=jnp.where(separated, log_t_loss1 - jax.nn.logsumexp(-margin_fn(w1)), jnp.nan),
+        steps=jnp.stack([phase1.steps, rows2.steps]),
+        rejected_steps=jnp.stack([phase1.rejected, rows2.rejected]),
+        tau0=jnp.where(separated, phase1.tau1, jnp.nan),
+        s0=jnp.where(separated, rows2.s0, jnp.nan),
+        log_t0=jnp.where(separated,
+                         log_t_loss1 - jax.nn.logsumexp(-margin_fn(phase1.w1)), jnp.nan),
         best_soft_margin=jnp.max(valid_soft),
-    )
+    )  # fmt: skip
     return records._replace(status=status)
+
+
+def _chain(static: _Static, call, params0, X, y, tau_max, s_target, direction_tol):
+    """The stages in order, each run as call(stage, *args): stage(static, *args) directly, or
+    its compiled program (_pipeline.run)."""
+    data = (params0, X, y)
+    phase1 = call(_stage_phase1, *data, tau_max, s_target)
+    phase2 = call(_stage_phase2, *data, phase1, direction_tol)
+    limit = None
+    if _has_limit_stage(static):
+        limit = call(_stage_limit, *data, phase1, phase2, direction_tol)
+    return call(_stage_rows, *data, phase1, phase2, limit)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
+    """The whole run as one program (vmapped by gradient_flow_batch and the sweep)."""
+    return _chain(static, lambda stage, *args: stage(static, *args), params0, X, y, tau_max,
+                  s_target, direction_tol)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- public API
@@ -441,7 +562,8 @@ def gradient_flow(
     static = _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol,
                      sliding, limit_beta, s_target)  # fmt: skip
     params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
-    out = _solve(static, params0, X, y, tau_max, s_target, _tol(direction_tol))
+    out = _pipeline.run(static, functools.partial(_chain, static), params0, X, y, tau_max,
+                        s_target, _tol(direction_tol))  # fmt: skip
     keep = np.asarray(out.valid)
     rows = jax.tree.map(lambda a: a[keep], out._replace(status=None))
     return rows._replace(status=out.status)
