@@ -24,14 +24,22 @@ flow there).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# One thread in XLA:CPU's pool (read when JAX starts its CPU backend; an explicit PJRT_NPROC
+# wins). The engine's programs are thousands of small operations in while loops, and XLA hands
+# independent ones to the pool's other thread: on 2 cores the reference problem (L = 3, to
+# beta = 1e12, as one program) ran in 35.9 s with the default pool of two and 29.8 s with one,
+# compiling in the same time (2026-11-29). `make test` was not faster with it (540 s vs 500 s).
+os.environ.setdefault("PJRT_NPROC", "1")
 
-import jaxmargin as jm
-from jaxmargin._checks import theorem5_max_decrease
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxmargin as jm  # noqa: E402
+from jaxmargin._checks import theorem5_max_decrease  # noqa: E402
 
 
 def _cases(relu):
@@ -83,6 +91,7 @@ def main():
     header = (f"{'case':24s} {'engine s':>9s} {'status':28s} {'log10 beta':>10s} "
               f"{'GD log10 beta':>13s} {'ratio log10':>11s} {'soft margin':>12s} "
               f"{'GD soft':>9s} {'thm5 max decr':>13s} {'dist to lim':>11s}")  # fmt: skip
+    print(f"PJRT_NPROC={os.environ['PJRT_NPROC']}")
     print(header)
     for name, predictor, params, X, y, rtol in _cases(not args.no_relu):
         if args.only not in name:
