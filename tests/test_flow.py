@@ -315,6 +315,29 @@ def test_batch_over_seeds_compiles_once(key):
                                    rtol=1e-6, atol=1e-9)  # fmt: skip
 
 
+def test_repeated_runs_reuse_the_compiled_stages(key):
+    """gradient_flow compiles its stages once per (options, shapes) (_pipeline.py's cache): a
+    second start of the same shapes is neither traced nor compiled again."""
+    X, y = _separable(key)
+    predictor = jm.relu_mlp(2, 4)
+    traces = []
+
+    def counting_apply(params, x):
+        traces.append(1)
+        return predictor.apply(params, x)
+
+    counted = predictor._replace(apply=counting_apply, kinks=None)
+    params = counted.init(key, 3)
+    options = dict(s_max=1.0, num_saves=12, sliding=None)
+    first = jm.gradient_flow(counted, params, X, y, **options)
+    count = len(traces)
+    assert count > 0
+    second = jm.gradient_flow(counted, jax.tree.map(lambda a: 1.1 * a, params), X, y, **options)
+    assert len(traces) == count
+    assert first.status.code == second.status.code == codes.REACHED_TARGET
+    assert float(second.soft_margin[-1]) != float(first.soft_margin[-1])  # a run of its own
+
+
 def test_bad_arguments(key):
     X, y = _separable(key)
     params = jm.linear().init(key, 3)
