@@ -289,16 +289,21 @@ def test_no_blow_up_for_degree_three_and_failures_keep_outputs(key):
     assert starved.s.shape[0] >= 1 and np.all(np.isfinite(np.asarray(starved.soft_margin)))
 
 
-def test_batch_over_seeds_compiles_once(key):
-    X, y = _separable(key)
+def _counted_relu(traces):
+    """A ReLU net without kink handling whose apply appends to `traces` each time it is traced."""
     predictor = jm.relu_mlp(2, 4)
-    traces = []
 
     def counting_apply(params, x):
         traces.append(1)
         return predictor.apply(params, x)
 
-    counted = predictor._replace(apply=counting_apply, kinks=None)
+    return predictor._replace(apply=counting_apply, kinks=None)
+
+
+def test_batch_over_seeds_compiles_once(key):
+    X, y = _separable(key)
+    traces = []
+    counted = _counted_relu(traces)
     batch = jax.vmap(lambda k: counted.init(k, 3))(jax.random.split(key, 3))
     first = jm.gradient_flow_batch(counted, batch, X, y, s_max=1.0, num_saves=12)
     count = len(traces)
@@ -319,14 +324,8 @@ def test_repeated_runs_reuse_the_compiled_stages(key):
     """gradient_flow compiles its stages once per (options, shapes) (_pipeline.py's cache): a
     second start of the same shapes is neither traced nor compiled again."""
     X, y = _separable(key)
-    predictor = jm.relu_mlp(2, 4)
     traces = []
-
-    def counting_apply(params, x):
-        traces.append(1)
-        return predictor.apply(params, x)
-
-    counted = predictor._replace(apply=counting_apply, kinks=None)
+    counted = _counted_relu(traces)
     params = counted.init(key, 3)
     options = dict(s_max=1.0, num_saves=12, sliding=None)
     first = jm.gradient_flow(counted, params, X, y, **options)

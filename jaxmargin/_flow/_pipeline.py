@@ -86,14 +86,15 @@ def run(static, chain, *inputs):
             _cache[key] = futures
             while len(_cache) > _CACHE_SIZE:
                 _cache.popitem(last=False)
-    first = [True]
+    started = False
 
     def call(stage, *args):
         # The first stage runs (dispatched asynchronously) while the others compile; the later
         # ones wait for every compilation (see the module docstring).
-        if not first[0]:
+        nonlocal started
+        if started:
             concurrent.futures.wait(list(futures.values()))
-        first[0] = False
+        started = True
         return futures[stage].result()(*args)
 
     try:
