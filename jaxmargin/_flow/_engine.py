@@ -258,22 +258,6 @@ def _continues_in_limit(w: _WMethod, s_end):
     return ((run.outcome == ros.REACHED_END) | (run.outcome == ros.STALLED)) & (s_end > run.x)
 
 
-def _limit_flow(static, predictor, unravel, X, y, phase1: _Phase1, w: _WMethod,
-                direction_tol) -> ros.Integration:
-    """Phase 2 from the W-method's end on the beta -> infinity limit flow (a run of no steps
-    where the W-method did not hand over)."""
-    geometry = kink_geometry(predictor, unravel, X, y, phase1.w1)
-    run, s_end = w.run, phase1.s_end
-    go_on = _continues_in_limit(w, s_end)
-    # With kinks the limit flow freezes the activation pattern within a step (branch values).
-    limit_margins = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
-    return lim.integrate(
-        limit_margins, predictor.degree, lim.LimitOptions(tol=static.rtol), run.x, run.y,
-        run.aux[0], jnp.where(go_on, s_end, run.x), _save_ss(static, w.s0, s_end),
-        jnp.maximum(static.max_steps - run.steps - run.rejected, 1), direction_tol, geometry,
-    )  # fmt: skip
-
-
 def _rosenbrock_rows(static, predictor, unravel, X, y, phase1: _Phase1, w: _WMethod,
                      limit: ros.Integration | None) -> _Rows:
     """Phase 2's rows from the W-method and the limit flow, in the diffrax path's layout."""
@@ -401,8 +385,20 @@ def _has_limit_stage(static: _Static):
 
 def _stage_limit(static: _Static, params0, X, y, phase1: _Phase1, phase2: _WMethod,
                  direction_tol) -> ros.Integration:
+    """Phase 2 from the W-method's end on the beta -> infinity limit flow (a run of no steps
+    where the W-method did not hand over)."""
+    predictor = static.predictor
     _, unravel = ravel_pytree(params0)
-    return _limit_flow(static, static.predictor, unravel, X, y, phase1, phase2, direction_tol)
+    geometry = kink_geometry(predictor, unravel, X, y, phase1.w1)
+    run, s_end = phase2.run, phase1.s_end
+    go_on = _continues_in_limit(phase2, s_end)
+    # With kinks the limit flow freezes the activation pattern within a step (branch values).
+    limit_margins = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
+    return lim.integrate(
+        limit_margins, predictor.degree, lim.LimitOptions(tol=static.rtol), run.x, run.y,
+        run.aux[0], jnp.where(go_on, s_end, run.x), _save_ss(static, phase2.s0, s_end),
+        jnp.maximum(static.max_steps - run.steps - run.rejected, 1), direction_tol, geometry,
+    )  # fmt: skip
 
 
 def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
