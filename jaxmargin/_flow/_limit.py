@@ -51,21 +51,9 @@ import jax.numpy as jnp
 from .._wolfe import WEIGHT_FLOOR, affine_minimizer, bordered_solve, wolfe
 from . import _rosenbrock as ros
 from ._box_qp import FISTA_ITERATIONS
+from ._dormand_prince import A_MATRIX, B4, B5, dense_output, first_root_of_any
 from ._kink_geometry import KinkGeometry
 
-# Dormand & Prince (1980), 5(4): stage coefficients, 5th-order weights, 4th-order weights.
-_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_A_MATRIX = tuple(row + (0.0,) * (7 - len(row)) for row in _A)
-_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 # Keeps the KKT system on E regular when E's tangent gradients are nearly affinely dependent.
 _RIDGE = 1e-13
 # At the switch from finite beta: examples with p_i / p_max > exp(-_SWITCH_GAP) may be on the min.
@@ -191,114 +179,62 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     slots, on_slot, on_kink, overflow = ros.on_kink_slots(z, on, k)
     alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
 
-    def alternate(_, state):
-        _, alpha, hold, weights = state
-        kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold,
-                          on_kink, alpha, overflow)  # fmt: skip
-        field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights,
-                                  geometry, kinks)  # fmt: skip
-        # One linearisation per round, at the last round's alphas: the alternation's rounds
-        # are clarke_pairs' rounds for deeper nets.
-        rows, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
-                                             lambda _: field.weights, slots, on_slot, on_kink,
-                                             alpha_at=alpha, rounds=1)  # fmt: skip
-        return rows, alpha, hold, field.weights
+    def step_kinks(alpha, hold):
+        return StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold,
+                         on_kink, alpha, overflow)  # fmt: skip
 
-    # A loop, not unrolled: one copy of Wolfe and the box QP in the compiled program.
-    rows = jnp.zeros((k, theta.shape[0]), theta.dtype)
-    rows, alpha, hold, weights0 = jax.lax.fori_loop(
-        0, _KINK_ROUNDS, alternate, (rows, alpha, jnp.zeros(k, bool), weights0))
-    kinks = StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold, on_kink,
-                      alpha, overflow)
-    field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of, weights0,
-                              geometry, kinks)  # fmt: skip
-    # The side test above takes lambda as fixed; lambda re-optimised with the chosen alphas can
-    # turn a leaving pair of an example in E back towards its kink (measured on the reference
-    # problem, L = 2: one pair then chattered, released and landed on again every step). Such a
-    # pair is held as well. Holding is always safe for the margins (every held pair only
-    # constrains the min-norm problem: the margins of E still rise at ||v||^2 / (L q_min)).
-    # Holding some can turn others back (L = 3: a pair then drifted the wrong way at a steady
-    # rate, landed on step after step): repeated until none turns, at most _WRONG_WAY_ROUNDS.
-    rows = _tangent(rows, unit)  # the last round's (zero off on_slot)
-    side = jnp.where(alpha > 0.5, 1.0, -1.0)
-
-    def wrong_way(field, kinks):
+    def wrong_way(field, kinks, rows):
+        # Pairs of examples in E held by neither test whose rate leaves their kink on the
+        # wrong side: alpha = 1 (the positive side) falling, alpha = 0 rising.
+        side = jnp.where(kinks.alpha > 0.5, 1.0, -1.0)
         rates = rows @ field.dtheta
         in_e = (field.weights > WEIGHT_FLOOR)[slots // (P // field.weights.shape[0])]
         tiny = _RATE_FLOOR * jnp.linalg.norm(rows, axis=1) * jnp.linalg.norm(field.dtheta)
         return on_slot & ~kinks.hold & in_e & (side * rates < -tiny)
 
-    def hold_more(state):
-        field, kinks, turned, rounds = state
-        kinks = kinks._replace(hold=kinks.hold | turned)
+    # Rounds 0 .. _KINK_ROUNDS - 1 alternate Wolfe (alphas fixed) with one Clarke round (lambda
+    # fixed: the box QP and side test of the W-method). The side test takes lambda as fixed;
+    # lambda re-optimised with the chosen alphas can turn a leaving pair of an example in E back
+    # towards its kink (measured on the reference problem, L = 2: one pair then chattered,
+    # released and landed on again every step). Such a pair is held as well: the later rounds
+    # re-solve Wolfe with it held. Holding is always safe for the margins (every held pair only
+    # constrains the min-norm problem: the margins of E still rise at ||v||^2 / (L q_min)).
+    # Holding some can turn others back (L = 3: a pair then drifted the wrong way at a steady
+    # rate, landed on step after step): repeated until none turns, at most _WRONG_WAY_ROUNDS.
+    # All in one loop: one copy of Wolfe, the tangent projector and the box QP in the compiled
+    # program (three copies of Wolfe when the phases were separate loops).
+    def round_(state):
+        rows, turned, field, kinks, index = state
+        kinks = step_kinks(kinks.alpha, kinks.hold | turned)
         field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of,
                                   field.weights, geometry, kinks)  # fmt: skip
-        return field, kinks, wrong_way(field, kinks), rounds + 1
 
-    field, kinks, _, _ = jax.lax.while_loop(
-        lambda state: jnp.any(state[2]) & (state[3] < _WRONG_WAY_ROUNDS), hold_more,
-        (field, kinks, wrong_way(field, kinks), 0))  # fmt: skip
+        def clarke(_):
+            # One linearisation per round, at the last round's alphas: the alternation's
+            # rounds are clarke_pairs' rounds for deeper nets.
+            rows, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
+                                                 lambda _: field.weights, slots, on_slot,
+                                                 on_kink, alpha_at=kinks.alpha, rounds=1)  # fmt: skip
+            return _tangent(rows, unit), jnp.zeros_like(turned), step_kinks(alpha, hold)
+
+        def side_test(_):
+            return rows, wrong_way(field, kinks, rows), kinks
+
+        rows, turned, next_kinks = jax.lax.cond(index < _KINK_ROUNDS, clarke, side_test, None)
+        return rows, turned, field, next_kinks, index + 1
+
+    def more(state):
+        _, turned, _, _, index = state
+        return (index <= _KINK_ROUNDS) | (
+            jnp.any(turned) & (index <= _KINK_ROUNDS + _WRONG_WAY_ROUNDS))
+
+    kinks0 = step_kinks(alpha, jnp.zeros(k, bool))
+    field0 = ros.placeholder(
+        lambda: choose_active_set(margins_and_grads, degree, options, unit, allowed_of,
+                                  weights0, geometry, kinks0))._replace(weights=weights0)
+    state = (jnp.zeros((k, theta.shape[0]), theta.dtype), jnp.zeros(k, bool), field0, kinks0, 0)
+    _, _, field, kinks, _ = jax.lax.while_loop(more, round_, state)
     return field, kinks
-
-
-# Dormand-Prince's dense output (Shampine 1986, as diffrax's Dopri5): the midpoint weights.
-_C_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2,
-          -2691868925 / 45128329728 / 2, 187940372067 / 1594534317056 / 2,
-          -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # fmt: skip
-# _first_root_of_any: grid points that bracket the first root, then Illinois iterations.
-_ROOT_GRID, _ROOT_ITERATIONS = 8, 12
-
-
-def _dense_output(y0, y1, increments):
-    """(value, d value / du) of the 4th-order dense output, u in [0, 1], of a Dormand-Prince
-    step from y0 to y1 with stage increments h K (7, d): the quartic through y0, the midpoint
-    estimate and y1 with the step's end slopes."""
-    f0, f1 = increments[0], increments[6]
-    mid = y0 + jnp.asarray(_C_MID) @ increments
-    a = 2.0 * (f1 - f0) - 8.0 * (y1 + y0) + 16.0 * mid
-    b = 5.0 * f0 - 3.0 * f1 + 18.0 * y0 + 14.0 * y1 - 32.0 * mid
-    c = f1 - 4.0 * f0 - 11.0 * y0 - 5.0 * y1 + 16.0 * mid
-
-    def value(u):
-        return (((a * u + b) * u + c) * u + f0) * u + y0
-
-    def rate(u):  # d value / du
-        return ((4.0 * a * u + 3.0 * b) * u + 2.0 * c) * u + f0
-
-    return value, rate
-
-
-def _first_root_of_any(g_at, g0, relevant, fallback):
-    """The first u in (0, 1] where some relevant entry of g_at(u) (g0 = g_at(0), positive on
-    them) turns negative: bracketed on a grid of _ROOT_GRID points, then the entry whose secant
-    root in the bracket comes first is solved by the Illinois method. `fallback` where no grid
-    point has a root (e.g. an entry that comes back above 0 by the next grid point)."""
-    us = jnp.arange(1, _ROOT_GRID + 1) / _ROOT_GRID
-    values = jax.vmap(g_at)(us)
-    crossing = relevant[None] & (values < 0)
-    found = jnp.any(crossing)
-    j = jnp.argmax(jnp.any(crossing, axis=1))
-    ua = jnp.where(j > 0, us[j - 1], 0.0)
-    ga = jnp.where(j > 0, values[j - 1], g0)
-    ub, gb = us[j], values[j]
-    secant = ua + (ub - ua) * ga / jnp.where(ga > gb, ga - gb, 1.0)
-    k = jnp.argmin(jnp.where(crossing[j] & (ga >= 0), secant, jnp.inf))
-
-    def illinois(_, state):
-        ua, ga, ub, gb, kept = state
-        u = ub - gb * (ub - ua) / jnp.where(gb != ga, gb - ga, 1.0)
-        g = g_at(u)[k]
-        past = g < 0
-        # The end kept twice in a row has its value halved (the Illinois modification).
-        ga = jnp.where(past & (kept == 1), 0.5 * ga, ga)
-        gb = jnp.where(~past & (kept == -1), 0.5 * gb, gb)
-        return (jnp.where(past, ua, u), jnp.where(past, ga, g), jnp.where(past, u, ub),
-                jnp.where(past, g, gb), jnp.where(past, 1, -1))  # fmt: skip
-
-    ua, ga, ub, gb, _ = jax.lax.fori_loop(0, _ROOT_ITERATIONS, illinois,
-                                          (ua, ga[k], ub, gb[k], 0))  # fmt: skip
-    best = jnp.where(jnp.abs(gb) <= jnp.abs(ga), ub, ua)
-    return jnp.where(found, best, jnp.minimum(fallback, 1.0))
 
 
 def _unit_scale(z, n):
@@ -447,16 +383,16 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         # The stages in a loop (one field in the compiled program instead of six).
         def stage(i, state):
             K, _ = state
-            field = evaluate(margins_and_grads, degree, c.y + h * (jnp.asarray(_A_MATRIX)[i] @ K),
+            field = evaluate(margins_and_grads, degree, c.y + h * (jnp.asarray(A_MATRIX)[i] @ K),
                              active, geometry, kinks)  # fmt: skip
             return K.at[i].set(field.dtheta), field
 
         K0 = jnp.zeros((7,) + c.y.shape, dtype).at[0].set(F1.dtheta)
         K, last = jax.lax.fori_loop(1, 7, stage, (K0, F1))
-        theta_new = c.y + h * (jnp.asarray(_B5) @ K)
-        err_y = h * ((jnp.asarray(_B5) - jnp.asarray(_B4)) @ K)
+        theta_new = c.y + h * (jnp.asarray(B5) @ K)
+        err_y = h * ((jnp.asarray(B5) - jnp.asarray(B4)) @ K)
         err = jnp.linalg.norm(err_y) / options.tol
-        dense, dense_rate = _dense_output(c.y, theta_new, h * K)
+        dense, dense_rate = dense_output(c.y, theta_new, h * K)
 
         # ReLU kinks: a pair of an example in E that crosses its kink during the step is landed
         # on (the step ends within kink_landing past it: on the dense output, or redone shorter)
@@ -533,7 +469,7 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
                     return sign * z_at(u) + offset
 
                 g0 = sign * z0 + offset
-                u = _first_root_of_any(g_at, g0, (free | leaving) & (g0 > 0), h_kink / h)
+                u = first_root_of_any(g_at, g0, (free | leaving) & (g0 > 0), h_kink / h)
                 crossed_u, landed_u, _ = kinks_at(z_at(u), u * h)
                 return dense(u), u, crossed_u, landed_u
 
