@@ -2,7 +2,7 @@
 
 Phase 1 integrates the tau-flow from params0 until the soft margin first exceeds 0 (t0), located
 by a diffrax event with a bisection root finder on -ln L (same sign as the soft margin, finite at
-w = 0). Phase 2 integrates the polar clock s = ln ||w|| from t0, where ||w|| cannot blow up in
+w = 0); with solver="rosenbrock" by _dormand_prince.integrate's event on the same function. Phase 2 integrates the polar clock s = ln ||w|| from t0, where ||w|| cannot blow up in
 finite "time" because s itself is the clock (NOTES §2: in tau, L >= 3 blows up at a finite tau).
 """
 
@@ -24,6 +24,7 @@ from .._validation import check_all
 from . import _solution as S
 from . import _limit as lim
 from . import _pipeline
+from . import _dormand_prince as dp
 from . import _rosenbrock as ros
 from ._kink_geometry import kink_geometry, per_example_margins
 from ._sliding import SlidingOptions, make_velocity
@@ -41,9 +42,10 @@ from ._fields import (
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8, "dopri5": diffrax.Dopri5,
            "heun": diffrax.Heun, "bosh3": diffrax.Bosh3}  # fmt: skip
 # Phase 2 with the linearly implicit Rosenbrock-W integrator of _rosenbrock.py (stiff regime,
-# beta >> 1); phase 1 then runs on diffrax's Tsit5, or Dopri5 for models with kinks: on the
-# reference problem (L = 3, rtol 1e-6) Tsit5 reached t0 in 1227 accepted + 2334 rejected steps,
-# Dopri5 in 867 + 1523 (a run to beta = 250: 22.1 s vs 16.6 s; Bosh3 and Dopri8 rejected more).
+# beta >> 1); phase 1 then runs Dormand-Prince 5(4) on _dormand_prince.py (one field in its
+# compiled program). Why Dormand-Prince: on the reference problem (L = 3, rtol 1e-6) diffrax's
+# Tsit5 reached t0 in 1227 accepted + 2334 rejected steps, its Dopri5 in 867 + 1523 (a run to
+# beta = 250: 22.1 s vs 16.6 s; Bosh3 and Dopri8 rejected more).
 ROSENBROCK = "rosenbrock"
 # The W-method hands over to the limit flow when its step falls below _STALL_STEP past
 # beta = _STALL_BETA (see _phase2_rosenbrock).
@@ -77,6 +79,7 @@ class _Phase1(NamedTuple):
     steps: jax.Array
     rejected: jax.Array
     out_of_steps: jax.Array
+    failed: jax.Array  # phase 1's integrator failed (not the step budget)
     start_separated: jax.Array  # params0 separates the data already: no phase 1
     separated: jax.Array
     w1: jax.Array  # w at t0 (params0 for a run that starts separated)
@@ -99,7 +102,20 @@ def _record(
     )  # fmt: skip
 
 
-def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
+class _SeedRun(NamedTuple):
+    """Phase 1's integration, whichever integrator ran it."""
+
+    records: S.FlowSolution  # the log-spaced saves, then the final point
+    final: SeedState
+    tau_final: jax.Array
+    event: jax.Array  # it stopped at t0
+    out_of_steps: jax.Array
+    failed: jax.Array
+    steps: jax.Array
+    rejected: jax.Array
+
+
+def _seed_record(margin_fn, velocity_fn, unravel, degree):
     def record(tau, state: SeedState, args):
         del args
         velocity, _ = seed_velocity(velocity_fn, state.w)
@@ -111,24 +127,33 @@ def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
             jnp.log(jnp.abs(half_drho2)), jnp.sign(half_drho2),
         )  # fmt: skip
 
+    return record
+
+
+def _phase1_save_ts(static, tau_end):
+    # t0 is not known in advance: log-spaced saves over six decades below tau_end, plus the
+    # final point (t0 itself, or the end of the budget).
+    return jnp.geomspace(1e-6, 1.0, static.saves_phase1 - 1) * tau_end
+
+
+def _phase1_diffrax(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end) -> _SeedRun:
+    record = _seed_record(margin_fn, velocity_fn, unravel, degree)
+
     # diffrax calls event functions with keywords t, y, args.
     def separated(t, y, args, **kwargs):
         del t, args, kwargs
         return -jax.nn.logsumexp(-margin_fn(y.w))
 
-    # t0 is not known in advance: log-spaced saves over six decades below tau_end, plus the
-    # final point (t0 itself, or the end of the budget).
-    save_ts = jnp.geomspace(1e-6, 1.0, static.saves_phase1 - 1) * tau_end
-    return diffrax.diffeqsolve(
+    sol = diffrax.diffeqsolve(
         diffrax.ODETerm(seed_field(velocity_fn)),
-        _phase1_solver(static)(),
+        SOLVERS[static.solver](),
         0.0,
         tau_end,
         None,
         SeedState(w0, jnp.zeros((), w0.dtype)),
         saveat=diffrax.SaveAt(
             subs=[
-                diffrax.SubSaveAt(ts=save_ts, fn=record),
+                diffrax.SubSaveAt(ts=_phase1_save_ts(static, tau_end), fn=record),
                 diffrax.SubSaveAt(t1=True, fn=record),
                 diffrax.SubSaveAt(t1=True),
             ]
@@ -146,12 +171,49 @@ def _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end):
         max_steps=static.max_steps,
         throw=False,
     )
+    ended = [sol.result == r for r in (diffrax.RESULTS.successful,
+                                       diffrax.RESULTS.event_occurred,
+                                       diffrax.RESULTS.max_steps_reached)]  # fmt: skip
+    return _SeedRun(
+        records=_concatenate(sol.ys[0], sol.ys[1]),
+        final=jax.tree.map(lambda leaf: leaf[0], sol.ys[2]), tau_final=sol.ts[2][0],
+        event=ended[1], out_of_steps=ended[2], failed=~(ended[0] | ended[1] | ended[2]),
+        steps=sol.stats["num_accepted_steps"], rejected=sol.stats["num_rejected_steps"],
+    )  # fmt: skip
 
 
-def _phase1_solver(static):
-    if static.solver != ROSENBROCK:
-        return SOLVERS[static.solver]
-    return diffrax.Tsit5 if static.predictor.kinks is None else diffrax.Dopri5
+def _phase1_dopri(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end) -> _SeedRun:
+    """Phase 1 of solver="rosenbrock": _dormand_prince.integrate on the state (w, t) (one
+    field evaluation in the compiled program: see that module), the records after it."""
+    field = seed_field(velocity_fn)
+
+    def flat_field(y):
+        rate = field(None, SeedState(y[:-1], y[-1]), None)
+        return jnp.concatenate([rate.w, rate.t[None]])
+
+    def separated(y):
+        return -jax.nn.logsumexp(-margin_fn(y[:-1]))
+
+    y0 = jnp.concatenate([w0, jnp.zeros(1, w0.dtype)])
+    save_ts = _phase1_save_ts(static, tau_end)
+    out = dp.integrate(flat_field, separated, y0, tau_end, save_ts, static.rtol, static.atol,
+                       static.max_steps)  # fmt: skip
+    taus = jnp.concatenate([save_ts, out.x[None]])
+    reached = jnp.concatenate([out.saved, jnp.ones(1, bool)])
+    # Rows not reached are recorded at y0 (finite) and then set to inf, as diffrax pads them.
+    ys = jnp.where(reached[:, None], jnp.concatenate([out.ys, out.y[None]]), y0)
+    record = _seed_record(margin_fn, velocity_fn, unravel, degree)
+    # lax.map, not vmap: the records' velocity is compiled once, unbatched.
+    records = jax.lax.map(lambda row: record(row[0], SeedState(row[1][:-1], row[1][-1]), None),
+                          (taus, ys))  # fmt: skip
+    records = jax.tree.map(
+        lambda leaf: jnp.where(reached.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, jnp.inf),
+        records)  # fmt: skip
+    return _SeedRun(
+        records=records, final=SeedState(out.y[:-1], out.y[-1]), tau_final=out.x,
+        event=out.event, out_of_steps=out.out_of_steps, failed=out.failed, steps=out.steps,
+        rejected=out.rejected,
+    )  # fmt: skip
 
 
 def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
@@ -330,12 +392,12 @@ def _stage_phase1(static: _Static, params0, X, y, tau_max, s_target) -> _Phase1:
     # equation singular), so ln t is finite from the first saved point.
     start_separated = jax.nn.logsumexp(-margin_fn(w0)) < 0
     tau_end = jnp.where(start_separated, 1e-300, tau_max)
-    sol1 = _phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
-    final1 = jax.tree.map(lambda leaf: leaf[0], sol1.ys[2])
-    event = sol1.result == diffrax.RESULTS.event_occurred
-    separated = start_separated | event
+    phase1 = _phase1_dopri if static.solver == ROSENBROCK else _phase1_diffrax
+    run = phase1(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
+    final1 = run.final
+    separated = start_separated | run.event
     w1 = jnp.where(start_separated, w0, final1.w)
-    tau1 = jnp.where(start_separated, 0.0, sol1.ts[2][0])
+    tau1 = jnp.where(start_separated, 0.0, run.tau_final)
     s1 = log_norm(w1)
     log_t_loss1 = jnp.where(
         start_separated,
@@ -348,9 +410,8 @@ def _stage_phase1(static: _Static, params0, X, y, tau_max, s_target) -> _Phase1:
     run_phase2 = separated & (s_target > s1)
     s_end = jnp.where(run_phase2, s_target, s1 + 1e-9 * (1.0 + jnp.abs(s1)))
     return _Phase1(
-        records=_concatenate(sol1.ys[0], sol1.ys[1]),
-        steps=sol1.stats["num_accepted_steps"], rejected=sol1.stats["num_rejected_steps"],
-        out_of_steps=sol1.result == diffrax.RESULTS.max_steps_reached,
+        records=run.records, steps=run.steps, rejected=run.rejected,
+        out_of_steps=run.out_of_steps, failed=run.failed,
         start_separated=start_separated, separated=separated, w1=w1, tau1=tau1,
         log_t_loss1=log_t_loss1, run_phase2=run_phase2, s_end=s_end,
     )  # fmt: skip
@@ -428,11 +489,12 @@ def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
     code = jnp.select(
         [
             ~separated & phase1.out_of_steps,
+            ~separated & phase1.failed,
             ~separated,
             ~finite,
             ~run_phase2,
         ],
-        [S.MAX_STEPS, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET],
+        [S.MAX_STEPS, S.SOLVER_FAILED, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET],
         rows2.code,
     )  # fmt: skip
     valid_soft = jnp.where(records.valid, records.soft_margin, -jnp.inf)
@@ -535,8 +597,8 @@ def gradient_flow(
         solver: a diffrax explicit solver name: "tsit5", "dopri5", "dopri8", "bosh3", "heun";
             or "rosenbrock": phase 2 on the linearly implicit Rosenbrock-W integrator of
             _rosenbrock.py (stiff part implicit, kinks as constraints), the one that reaches
-            the asymptotic regime (beta >> 1e6); phase 1 then uses Tsit5 (Dopri5 for
-            models with kinks).
+            the asymptotic regime (beta >> 1e6); phase 1 then uses Dormand-Prince 5(4)
+            (_dormand_prince.py) with the same rtol, atol.
         rtol, atol: PID step-size controller tolerances (rosenbrock: rtol is its local error
             tolerance).
         sliding: how ReLU kinks are handled (a SlidingOptions, see _sliding.py: the Filippov
