@@ -46,6 +46,14 @@ def test_event_located_on_the_dense_output():
     assert float(out.x) == pytest.approx(np.pi / 6, rel=1e-9)
 
 
+def test_a_start_a_rounding_error_short_of_the_event_ends_past_it():
+    # sin x - 1e-17 is -1e-17 at the start (w(t0) from another solver: -ln L = -1e-17 there):
+    # the event is at x = 1e-17; the end must be past it (event > 0), not the start itself.
+    out, _ = _run(lambda y: y[1] - 1e-17)
+    assert bool(out.event) and 0.0 < float(out.x) < 1e-14
+    assert float(out.y[1]) > 1e-17
+
+
 def test_tighter_tolerance_converges_and_takes_more_steps():
     errors, steps = [], []
     for rtol in (1e-5, 1e-7, 1e-9):

@@ -119,12 +119,32 @@ class _Carry(NamedTuple):
 
 
 _RUNNING, _EVENT, _END, _OUT_OF_STEPS, _FAILED = -1, 0, 1, 2, 3
+# The event's location on a step: u to 2^-60 of the step (below float64's resolution of u near 1).
+_BISECTIONS = 60
 # The step-size controller: diffrax's PIDController defaults (integral control, error order 5).
 _SAFETY, _FACTOR_MIN, _FACTOR_MAX = 0.9, 0.2, 10.0
 
 
 def _rms(v):
     return jnp.sqrt(jnp.mean(v * v))
+
+
+def _upward_crossing(g, dtype):
+    """u in (0, 1] just past where g (g(0) <= 0 < g(1)) crosses 0: bisection to 2^-_BISECTIONS,
+    the end where g > 0. Why not first_root_of_any's secant method: with a start a rounding
+    error short of the event (w(t0) from another solver: -ln L = -1e-17) its bracket's upper end
+    did not converge (it stopped at u ~ 1e-4 with the soft margin at 4e-7), and its nearer end
+    was u = 0 (t = 0: ln t = -inf). diffrax's phase 1 also bisects; this runs once per run."""
+
+    def halve(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        past = g(mid) > 0
+        return jnp.where(past, lo, mid), jnp.where(past, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, _BISECTIONS, halve,
+                              (jnp.zeros((), dtype), jnp.ones((), dtype)))  # fmt: skip
+    return hi
 
 
 def integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps) -> EventIntegration:
@@ -163,8 +183,7 @@ def integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps) -> EventI
         crossed = accept & (event(c.y) <= 0) & (event(y_new) > 0)
 
         def first_crossing(_):
-            return first_root_of_any(lambda u: -event(value(u))[None], -event(c.y)[None],
-                                     jnp.ones(1, bool), 1.0)  # fmt: skip
+            return _upward_crossing(lambda u: event(value(u)), dtype)
 
         u_stop = jax.lax.cond(crossed, first_crossing, lambda _: jnp.ones((), dtype), None)
         x_stop = jnp.where(crossed, c.x + u_stop * h, c.x + h)
