@@ -229,9 +229,9 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
             jnp.any(turned) & (index <= _KINK_ROUNDS + _WRONG_WAY_ROUNDS))
 
     kinks0 = step_kinks(alpha, jnp.zeros(k, bool))
-    field0 = ros.placeholder(
-        lambda: choose_active_set(margins_and_grads, degree, options, unit, allowed_of,
-                                  weights0, geometry, kinks0))._replace(weights=weights0)
+    # Only its weights are read (Wolfe's warm start) before the first round sets it.
+    field0 = _LimitField(jnp.zeros_like(theta), jnp.zeros_like(weights0), weights0,
+                         jnp.zeros((), theta.dtype))  # fmt: skip
     state = (jnp.zeros((k, theta.shape[0]), theta.dtype), jnp.zeros(k, bool), field0, kinks0, 0)
     _, _, field, kinks, _ = jax.lax.while_loop(more, round_, state)
     return field, kinks
