@@ -1,6 +1,7 @@
 """Shared test helpers: the predictor zoo, exact kink construction, separable data."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxmargin as jm
@@ -48,3 +49,15 @@ def linearly_separable(seed, n, d):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, d))
     return X, np.sign(X @ rng.normal(size=d))
+
+
+def small_separable(key, n=8, dim=3):
+    """n Gaussian points in dim <= 3 dimensions labelled by a fixed hyperplane."""
+    X = jax.random.normal(key, (n, dim))
+    y = jnp.sign(X @ jnp.array([1.0, 0.5, -0.3][:dim]))
+    return X, y
+
+
+def row(tree, index):
+    """The index-th saved row of every leaf."""
+    return jax.tree.map(lambda a: a[index], tree)
