@@ -212,9 +212,9 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
         def clarke(_):
             # One linearisation per round, at the last round's alphas: the alternation's
             # rounds are clarke_pairs' rounds for deeper nets.
-            rows, alpha, hold = ros.clarke_pairs(geometry, margins_and_grads, options, unit,
-                                                 lambda _: field.weights, slots, on_slot,
-                                                 on_kink, alpha_at=kinks.alpha, rounds=1)  # fmt: skip
+            rows, alpha, hold = ros.clarke_pairs(
+                geometry, margins_and_grads, options, unit, lambda _: field.weights, slots,
+                on_slot, on_kink, alpha_at=kinks.alpha, rounds=1)  # fmt: skip
             return _tangent(rows, unit), jnp.zeros_like(turned), step_kinks(alpha, hold)
 
         def side_test(_):
