@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow bench reproduce-figures clean-venv
+.PHONY: lint format test test-slow bench reproduce-figures clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[tests,experiments]'
 	touch $(STAMP)
 
-# Two workers (whole files each): the suite is mostly XLA compilation, which runs on one core
-# per process. 2026-11-29, 2 cores: 476 s with them, 679 s in one process.
+# ruff's lint rules and its formatter (pyproject.toml); `make format` rewrites in place.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# Two workers, whole files each: the suite is mostly XLA compilation, one core per process.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

@@ -51,8 +51,11 @@ def main(names) -> None:
         counter.hits = counter.compiled = 0
         start = time.perf_counter()
         cached(name, module.Config(), module.run)
-        print(f"{name}: {counter.hits} cache hits, {counter.compiled} compilations,"
-              f" {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+        print(
+            f"{name}: {counter.hits} cache hits, {counter.compiled} compilations,"
+            f" {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

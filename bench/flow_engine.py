@@ -39,11 +39,20 @@ def naive_tau_flow(predictor, params0, X, y, max_steps, tau_max=1e3):
         return -jax.nn.logsumexp(-jm.margins(predictor, unravel(y), X, y_labels))
 
     y_labels = y
-    solve = jax.jit(lambda w: diffrax.diffeqsolve(
-        diffrax.ODETerm(field), diffrax.Tsit5(), 0.0, tau_max, None, w,
-        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-9),
-        event=diffrax.Event(separated, direction=True), max_steps=max_steps, throw=False,
-    ))  # fmt: skip
+    solve = jax.jit(
+        lambda w: diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            diffrax.Tsit5(),
+            0.0,
+            tau_max,
+            None,
+            w,
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-9),
+            event=diffrax.Event(separated, direction=True),
+            max_steps=max_steps,
+            throw=False,
+        )
+    )
     start = time.perf_counter()
     solution = solve(flat0)
     w_end = jax.block_until_ready(solution.ys)[-1]
@@ -51,26 +60,42 @@ def naive_tau_flow(predictor, params0, X, y, max_steps, tau_max=1e3):
     steps = int(solution.stats["num_accepted_steps"]) + int(solution.stats["num_rejected_steps"])
     params = unravel(w_end)
     return {
-        "steps": steps, "evaluations": TSIT5_STAGES * steps, "wall": wall,
+        "steps": steps,
+        "evaluations": TSIT5_STAGES * steps,
+        "wall": wall,
         "reached": f"tau={float(solution.ts[-1]):.3g}",
         "rho": float(jnp.exp(jm.log_norm(params))),
         "soft": float(jm.soft_margin(predictor, params, X, y)),
-        "note": "t0 reached" if solution.result == diffrax.RESULTS.event_occurred
+        "note": "t0 reached"
+        if solution.result == diffrax.RESULTS.event_occurred
         else "stalled before t0",
-    }  # fmt: skip
+    }
 
 
 def engine(predictor, params0, X, y, s_target, max_steps):
     start = time.perf_counter()
-    solution = jm.gradient_flow(predictor, params0, X, y, s_max=s_target, max_steps=max_steps,
-                                rtol=1e-6, atol=1e-9, num_saves=60)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        params0,
+        X,
+        y,
+        s_max=s_target,
+        max_steps=max_steps,
+        rtol=1e-6,
+        atol=1e-9,
+        num_saves=60,
+    )
     wall = time.perf_counter() - start
     steps = int(np.sum(solution.status.steps) + np.sum(solution.status.rejected_steps))
     return {
-        "steps": steps, "evaluations": TSIT5_STAGES * steps, "wall": wall,
-        "reached": f"s={float(solution.s[-1]):.3f}", "rho": float(solution.rho[-1]),
-        "soft": float(solution.soft_margin[-1]), "note": solution.status.message[:40],
-    }  # fmt: skip
+        "steps": steps,
+        "evaluations": TSIT5_STAGES * steps,
+        "wall": wall,
+        "reached": f"s={float(solution.s[-1]):.3f}",
+        "rho": float(solution.rho[-1]),
+        "soft": float(solution.soft_margin[-1]),
+        "note": solution.status.message[:40],
+    }
 
 
 def gd(predictor, params0, X, y, schedule, wall_budget):
@@ -78,18 +103,22 @@ def gd(predictor, params0, X, y, schedule, wall_budget):
     steps = 2000
     while True:
         start = time.perf_counter()
-        trajectory = jm.gradient_descent(predictor, params0, X, y, schedule=schedule, lr=lr,
-                                         steps=steps, num_logs=20)  # fmt: skip
+        trajectory = jm.gradient_descent(
+            predictor, params0, X, y, schedule=schedule, lr=lr, steps=steps, num_logs=20
+        )
         wall = time.perf_counter() - start
         if wall > wall_budget or steps >= 2_000_000:
             break
         steps = int(steps * min(8.0, max(1.5, wall_budget / max(wall, 1e-3))))
     return {
-        "steps": steps, "evaluations": steps, "wall": wall,
+        "steps": steps,
+        "evaluations": steps,
+        "wall": wall,
         "reached": f"ln t={float(trajectory.log_time[-1]):.3g}",
-        "rho": float(trajectory.rho[-1]), "soft": float(trajectory.soft_margin[-1]),
+        "rho": float(trajectory.rho[-1]),
+        "soft": float(trajectory.soft_margin[-1]),
         "note": trajectory.status,
-    }  # fmt: skip
+    }
 
 
 def main():
@@ -109,15 +138,21 @@ def main():
         rows["GD constant lr=0.5"] = gd(predictor, params0, X, y, "constant", budget)
         rows["GD loss-based"] = gd(predictor, params0, X, y, "loss_based", budget)
         base = rows["engine"]
-        print(f"\nL = {depth}: t0 at s0 = {float(to_t0.status.s0):.4f}, engine target s = "
-              f"{s_target:.4f} (beta = {np.exp(depth * s_target):.3g})")  # fmt: skip
-        print(f"{'method':<20}{'steps':>9}{'grad evals':>12}{'wall s':>9}{'evals/engine':>13}"
-              f"{'reached':>14}{'rho':>10}{'log10 beta':>11}{'soft margin':>13}  note")
+        print(
+            f"\nL = {depth}: t0 at s0 = {float(to_t0.status.s0):.4f}, engine target s = "
+            f"{s_target:.4f} (beta = {np.exp(depth * s_target):.3g})"
+        )
+        print(
+            f"{'method':<20}{'steps':>9}{'grad evals':>12}{'wall s':>9}{'evals/engine':>13}"
+            f"{'reached':>14}{'rho':>10}{'log10 beta':>11}{'soft margin':>13}  note"
+        )
         for name, row in rows.items():
-            print(f"{name:<20}{row['steps']:>9}{row['evaluations']:>12}{row['wall']:>9.1f}"
-                  f"{row['evaluations'] / base['evaluations']:>13.2f}{row['reached']:>14}"
-                  f"{row['rho']:>10.3g}{depth * np.log10(row['rho']):>11.2f}"
-                  f"{row['soft']:>13.6f}  {row['note']}")  # fmt: skip
+            print(
+                f"{name:<20}{row['steps']:>9}{row['evaluations']:>12}{row['wall']:>9.1f}"
+                f"{row['evaluations'] / base['evaluations']:>13.2f}{row['reached']:>14}"
+                f"{row['rho']:>10.3g}{depth * np.log10(row['rho']):>11.2f}"
+                f"{row['soft']:>13.6f}  {row['note']}"
+            )
 
 
 if __name__ == "__main__":

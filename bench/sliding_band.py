@@ -26,15 +26,17 @@ def identity_residuals(predictor, solution, X, y):
     terms = jax.vmap(lambda params: _identity_terms(predictor, params, X, y)[:3])
     log_rhs, sign_rhs, log_scale = (np.asarray(a) for a in terms(solution.params))
     left = np.asarray(solution.sign_half_drho2_dtau) * np.exp(
-        np.asarray(solution.log_half_drho2_dtau) - log_scale)
+        np.asarray(solution.log_half_drho2_dtau) - log_scale
+    )
     residual = np.abs(left - sign_rhs * np.exp(log_rhs - log_scale))
     phase, ok = np.asarray(solution.phase), np.isfinite(residual)
     return [float(np.max(residual[ok & (phase == k)], initial=-np.inf)) for k in (1, 2)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bands", type=float, nargs="*", default=[1e-3, 1e-4, 1e-5])
     parser.add_argument("--reference", action="store_true")
     args = parser.parse_args()
@@ -46,25 +48,51 @@ def main() -> None:
         for seed in range(3):
             start = time.perf_counter()
             params0 = predictor.init(jax.random.key(4000 + seed), 6)
-            solution = jm.gradient_flow(predictor, params0, X, y, beta_max=2e4, rtol=1e-6,
-                                        atol=1e-8, max_steps=20_000, num_saves=128,
-                                        sliding=sliding)  # fmt: skip
+            solution = jm.gradient_flow(
+                predictor,
+                params0,
+                X,
+                y,
+                beta_max=2e4,
+                rtol=1e-6,
+                atol=1e-8,
+                max_steps=20_000,
+                num_saves=128,
+                sliding=sliding,
+            )
             before, after = identity_residuals(predictor, solution, X, y)
-            print(f"{band:<7.0e} {seed:>4}  {str(np.asarray(solution.status.steps)):<18}"
-                  f"  {str(np.asarray(solution.status.rejected_steps)):<14}  {before:>18.2e}"
-                  f"  {after:>8.2e}  {time.perf_counter() - start:>7.1f}", flush=True)  # fmt: skip
+            print(
+                f"{band:<7.0e} {seed:>4}  {str(np.asarray(solution.status.steps)):<18}"
+                f"  {str(np.asarray(solution.status.rejected_steps)):<14}  {before:>18.2e}"
+                f"  {after:>8.2e}  {time.perf_counter() - start:>7.1f}",
+                flush=True,
+            )
     if args.reference:
         predictor, params0, X, y = jm.reference_problem(2)
-        print("\nreference problem L = 2 to beta = 1e3 (default candidates, 20,000 steps per phase)")
+        print(
+            "\nreference problem L = 2 to beta = 1e3 (default candidates, 20,000 steps per phase)"
+        )
         for band in args.bands:
             start = time.perf_counter()
-            solution = jm.gradient_flow(predictor, params0, X, y, beta_max=1e3, rtol=1e-6,
-                                        atol=1e-8, max_steps=20_000, num_saves=48,
-                                        sliding=jm.SlidingOptions(threshold=band))  # fmt: skip
-            print(f"{band:<7.0e} {solution.status.message}: steps"
-                  f" {np.asarray(solution.status.steps)}, rejected"
-                  f" {np.asarray(solution.status.rejected_steps)}"
-                  f" ({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+            solution = jm.gradient_flow(
+                predictor,
+                params0,
+                X,
+                y,
+                beta_max=1e3,
+                rtol=1e-6,
+                atol=1e-8,
+                max_steps=20_000,
+                num_saves=48,
+                sliding=jm.SlidingOptions(threshold=band),
+            )
+            print(
+                f"{band:<7.0e} {solution.status.message}: steps"
+                f" {np.asarray(solution.status.steps)}, rejected"
+                f" {np.asarray(solution.status.rejected_steps)}"
+                f" ({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,11 @@ def one_device(max_seeds: int, repeats: int) -> list[dict]:
         first, best, out = timed(run, repeats)
         codes = np.asarray(out.status.code)
         loop = float(np.sum(single[:count]))
-        rows.append(dict(seeds=count, compile=first - best, batch=best, loop=loop,
-                         ok=int(np.sum(codes == 0))))  # fmt: skip
+        rows.append(
+            dict(
+                seeds=count, compile=first - best, batch=best, loop=loop, ok=int(np.sum(codes == 0))
+            )
+        )
         count *= 2
     return rows
 
@@ -92,8 +95,13 @@ def sweep_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
     first, best, out = timed(
         lambda: sweep_gradient_flow(predictor, params, X, y, **OPTIONS), repeats
     )
-    return dict(devices=num_devices, seeds=num_seeds, compile=first - best, sweep=best,
-                ok=int(np.sum(np.asarray(out.status.code) == 0)))  # fmt: skip
+    return dict(
+        devices=num_devices,
+        seeds=num_seeds,
+        compile=first - best,
+        sweep=best,
+        ok=int(np.sum(np.asarray(out.status.code) == 0)),
+    )
 
 
 def run_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
@@ -101,8 +109,16 @@ def run_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
     # deadlock (see sweep_gradient_flow; not needed by the current sliding QP).
     env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(max(16, 4 * num_devices)))
     env.pop("XLA_FLAGS", None)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(num_devices),
-               "--sweep-seeds", str(num_seeds), "--repeats", str(repeats)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(num_devices),
+        "--sweep-seeds",
+        str(num_seeds),
+        "--repeats",
+        str(repeats),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker with {num_devices} devices failed:\n{done.stderr[-3000:]}")
@@ -131,8 +147,10 @@ def main(argv=None) -> None:
         return
 
     start = time.perf_counter()
-    print("throughput of the flow: deep_linear(2, 4), 16 points in R^4, "
-          f"{', '.join(f'{k}={v}' for k, v in OPTIONS.items())}, tsit5")  # fmt: skip
+    print(
+        "throughput of the flow: deep_linear(2, 4), 16 points in R^4, "
+        f"{', '.join(f'{k}={v}' for k, v in OPTIONS.items())}, tsit5"
+    )
     print(
         f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, "
         f"{jax.devices()[0].platform}; compile times excluded (best of {args.repeats})\n"
@@ -143,13 +161,18 @@ def main(argv=None) -> None:
         f"{'loop runs/s':>12} {'vmap gain':>10} {'reached':>8}"
     )
     for row in one_device(args.max_seeds, args.repeats):
-        print(f"{row['seeds']:>6} {row['compile']:>10.2f} {row['batch']:>9.4f} "
-              f"{row['seeds'] / row['batch']:>9.1f} {row['loop']:>9.4f} "
-              f"{row['seeds'] / row['loop']:>12.1f} {row['loop'] / row['batch']:>9.2f}x "
-              f"{row['ok']:>4}/{row['seeds']}", flush=True)  # fmt: skip
+        print(
+            f"{row['seeds']:>6} {row['compile']:>10.2f} {row['batch']:>9.4f} "
+            f"{row['seeds'] / row['batch']:>9.1f} {row['loop']:>9.4f} "
+            f"{row['seeds'] / row['loop']:>12.1f} {row['loop'] / row['batch']:>9.2f}x "
+            f"{row['ok']:>4}/{row['seeds']}",
+            flush=True,
+        )
     if args.devices:
-        print(f"\nemulated CPU devices: sweep_gradient_flow on {args.sweep_seeds} seeds "
-              "(one fresh process per device count)")  # fmt: skip
+        print(
+            f"\nemulated CPU devices: sweep_gradient_flow on {args.sweep_seeds} seeds "
+            "(one fresh process per device count)"
+        )
         print(
             f"{'devices':>8} {'compile s':>10} {'sweep s':>9} {'runs/s':>9} {'vs 1st':>8} "
             f"{'reached':>8}"
@@ -158,9 +181,12 @@ def main(argv=None) -> None:
         for count in args.devices:
             row = run_worker(count, args.sweep_seeds, args.repeats)
             base = base or row["sweep"]
-            print(f"{count:>8} {row['compile']:>10.2f} {row['sweep']:>9.4f} "
-                  f"{row['seeds'] / row['sweep']:>9.1f} {base / row['sweep']:>7.2f}x "
-                  f"{row['ok']:>4}/{row['seeds']}", flush=True)  # fmt: skip
+            print(
+                f"{count:>8} {row['compile']:>10.2f} {row['sweep']:>9.4f} "
+                f"{row['seeds'] / row['sweep']:>9.1f} {base / row['sweep']:>7.2f}x "
+                f"{row['ok']:>4}/{row['seeds']}",
+                flush=True,
+            )
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -21,9 +21,10 @@ Error: |gamma~ - gamma~_ref| / gamma~_ref. Work: gradient evaluations, counted a
 of the per-example gradients of all n examples (the cost of one full-batch gradient):
 Euler 1 per step; Tsit5 6 per attempted step; the Rosenbrock-W method 7 per attempted
 step (three fields: two stages and the step's end for the ln t quadrature; one JVP in s
-counted as 2; two margin-only passes for the clocks counted as 1 each: an upper bound). At each error level the script prints, per method, the
-fewest evaluations of a run that reached that error, and the ratio of the best non-engine
-method to the best engine variant. Saves figures/work_precision.png.
+counted as 2; two margin-only passes for the clocks counted as 1 each: an upper bound).
+At each error level the script prints, per method, the fewest evaluations of a run that
+reached that error, and the ratio of the best non-engine method to the best engine variant.
+Saves figures/work_precision.png.
 """
 
 from __future__ import annotations
@@ -70,15 +71,32 @@ def start_at_t0(predictor, params0, X, y):
 def reference(model, params1, X, y, s_target):
     flat1 = np.asarray(ravel_pytree(params1)[0])
     s1 = float(np.log(np.linalg.norm(flat1)))
-    _, soft, _, _ = polar_flow(model, np.asarray(X), np.asarray(y), flat1 / np.exp(s1), s1, 0.0,
-                               0.0, np.array([s1, s_target]))  # fmt: skip
+    _, soft, _, _ = polar_flow(
+        model,
+        np.asarray(X),
+        np.asarray(y),
+        flat1 / np.exp(s1),
+        s1,
+        0.0,
+        0.0,
+        np.array([s1, s_target]),
+    )
     return float(soft[-1])
 
 
 def engine(predictor, params1, X, y, s_target, rtol):
-    solution = jm.gradient_flow(predictor, params1, X, y, s_max=s_target, solver="rosenbrock",
-                                rtol=rtol, atol=rtol * 1e-3, num_saves=8,
-                                max_steps=2_000_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        params1,
+        X,
+        y,
+        s_max=s_target,
+        solver="rosenbrock",
+        rtol=rtol,
+        atol=rtol * 1e-3,
+        num_saves=8,
+        max_steps=2_000_000,
+    )
     attempts = int(np.sum(solution.status.steps) + np.sum(solution.status.rejected_steps))
     ok = solution.status.code == 0
     return float(solution.soft_margin[-1]) if ok else np.nan, EVALS_PER_ATTEMPT * attempts
@@ -127,12 +145,20 @@ def tsit5_tau(predictor, params1, X, y, s_target, rtol, max_steps=2_000_000):
         del t, args, kwargs
         return jm.log_norm(y) - s_target
 
-    solve = jax.jit(lambda w: diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, w, args: field(w)), diffrax.Tsit5(), 0.0, 1e6, None, w,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=rtol * 1e-3),
-        event=diffrax.Event(at_target, root_finder=diffrax.VeryChord(rtol=1e-13, atol=1e-13)),
-        max_steps=max_steps, throw=False,
-    ))  # fmt: skip
+    solve = jax.jit(
+        lambda w: diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, w, args: field(w)),
+            diffrax.Tsit5(),
+            0.0,
+            1e6,
+            None,
+            w,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=rtol * 1e-3),
+            event=diffrax.Event(at_target, root_finder=diffrax.VeryChord(rtol=1e-13, atol=1e-13)),
+            max_steps=max_steps,
+            throw=False,
+        )
+    )
     solution = solve(flat1)
     attempts = int(solution.stats["num_accepted_steps"]) + int(solution.stats["num_rejected_steps"])
     if solution.result != diffrax.RESULTS.event_occurred:
@@ -160,16 +186,20 @@ def main():
     s1 = float(jm.log_norm(params1))
     s_target = float(np.log(args.beta)) / args.depth
     ref = reference(model, params1, X, y, s_target)
-    print(f"deep linear L={args.depth}, width 32, reference data (n=50, d=5); start w(t0): "
-          f"tau0 = {tau0:.6f}, beta = {np.exp(args.depth * s1):.4g}; target beta = {args.beta:.3g}"
-          f" (s = {s_target:.4f}); reference gamma~ = {ref:.12f} (scipy DOP853, rtol 1e-10)")
+    print(
+        f"deep linear L={args.depth}, width 32, reference data (n=50, d=5); start w(t0): "
+        f"tau0 = {tau0:.6f}, beta = {np.exp(args.depth * s1):.4g}; target beta = {args.beta:.3g}"
+        f" (s = {s_target:.4f}); reference gamma~ = {ref:.12f} (scipy DOP853, rtol 1e-10)"
+    )
     runs = {}
 
     def record(name, soft, evals, note=""):
         error = abs(soft - ref) / abs(ref) if np.isfinite(soft) else np.nan
         runs.setdefault(name, []).append((error, evals))
-        print(f"  {name:24s} {note:16s} evals {evals:>10d}  gamma~ {soft:.12f}  error {error:.2e}",
-              flush=True)  # fmt: skip
+        print(
+            f"  {name:24s} {note:16s} evals {evals:>10d}  gamma~ {soft:.12f}  error {error:.2e}",
+            flush=True,
+        )
 
     for rtol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10):
         soft, evals = engine(predictor, params1, X, y, s_target, rtol)
@@ -179,17 +209,21 @@ def main():
         record("naive Tsit5 (tau)", soft, evals, f"rtol {rtol:.0e}")
     # Fixed-step Euler: the largest steps are unstable at this beta (they stop non-finite).
     for step in np.geomspace(1e-2, 1e-6, 9):
-        soft, steps = euler(predictor, params1, X, y, s_target, float(step),
-                            args.max_euler_steps)  # fmt: skip
+        soft, steps = euler(predictor, params1, X, y, s_target, float(step), args.max_euler_steps)
         record("Euler / GD (tau)", soft, steps, f"step {step:.1e}")
 
-    print(f"\nfewest gradient evaluations reaching each relative error (wall {time.perf_counter() - start:.0f} s)")
+    print(
+        "\nfewest gradient evaluations reaching each relative error"
+        f" (wall {time.perf_counter() - start:.0f} s)"
+    )
     levels = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
     names = list(runs)
     print(f"{'error <=':>9s} " + " ".join(f"{n:>22s}" for n in names) + f" {'others/engine':>14s}")
     for level in levels:
         best = {n: cheapest(runs[n], level) for n in names}
-        engine_best = min([v for n, v in best.items() if n.startswith("engine") and v], default=None)
+        engine_best = min(
+            [v for n, v in best.items() if n.startswith("engine") and v], default=None
+        )
         other = [v for n, v in best.items() if not n.startswith("engine") and v]
         if engine_best is None:
             ratio = "engine: none"

@@ -20,8 +20,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def experiment_names() -> list[str]:
-    return sorted(info.name for info in pkgutil.iter_modules([str(HERE)])
-                  if not info.name.startswith("_"))  # fmt: skip
+    return sorted(
+        info.name for info in pkgutil.iter_modules([str(HERE)]) if not info.name.startswith("_")
+    )
 
 
 def run_all(quick: bool = False, only=None) -> dict:
@@ -36,11 +37,18 @@ def run_all(quick: bool = False, only=None) -> dict:
         # Report the compute time recorded with the results (a cached rerun costs seconds).
         record = results_path(name, config).with_suffix(".json")
         elapsed = time.perf_counter() - start
-        timings[name] = json.loads(record.read_text())["wall_time_s"] if record.exists() else elapsed
+        timings[name] = (
+            json.loads(record.read_text())["wall_time_s"] if record.exists() else elapsed
+        )
         source = str(results_path(name, config).relative_to(results_dir().parent))
-        rows += [dict(claim._asdict(), results=source, value=float(claim.value)) for claim in claims]
-        print(f"{name}: {sum(c.holds for c in claims)}/{len(claims)} claims hold"
-              f" ({timings[name]:.1f} s)", flush=True)  # fmt: skip
+        rows += [
+            dict(claim._asdict(), results=source, value=float(claim.value)) for claim in claims
+        ]
+        print(
+            f"{name}: {sum(c.holds for c in claims)}/{len(claims)} claims hold"
+            f" ({timings[name]:.1f} s)",
+            flush=True,
+        )
     summary = {"scale": "quick" if quick else "default", "claims": rows, "seconds": timings}
     results_dir().mkdir(parents=True, exist_ok=True)
     (results_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -61,8 +69,10 @@ def write_markdown(summary: dict) -> None:
     ]
     for row in summary["claims"]:
         verdict = "holds" if row["holds"] else "**fails**"
-        lines.append(f"| {row['experiment']} | {row['claim']} | {row['quantity']} |"
-                     f" {row['value']:.6g} | {row['criterion']} | {verdict} |")  # fmt: skip
+        lines.append(
+            f"| {row['experiment']} | {row['claim']} | {row['quantity']} |"
+            f" {row['value']:.6g} | {row['criterion']} | {verdict} |"
+        )
     figures_dir().mkdir(parents=True, exist_ok=True)
     (figures_dir() / "summary.md").write_text("\n".join(lines) + "\n")
 

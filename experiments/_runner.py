@@ -70,8 +70,12 @@ def _metadata(config, wall_time: float) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip() or None  # fmt: skip
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return {
@@ -122,8 +126,9 @@ def main(module, argv=None) -> list[Claim]:
     """Command line shared by every experiment: python -m experiments.NAME [--quick] ..."""
     # Under `python -m experiments.NAME` the module is named "__main__": use its spec.
     name = module.__spec__.name.rsplit(".", 1)[-1] if module.__spec__ else module.__name__
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
-                                     description=module.__doc__)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}", description=module.__doc__
+    )
     parser.add_argument("--quick", action="store_true", help="test-sized configuration")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds, if used")
     parser.add_argument("--force", action="store_true", help="recompute even if cached")

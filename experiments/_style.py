@@ -15,10 +15,18 @@ COLORS = plt.get_cmap("viridis")
 
 
 def figure(ncols: int = 1, nrows: int = 1, height: float = 3.6):
-    plt.rcParams.update({"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-                         "figure.dpi": 110, "savefig.bbox": "tight"})  # fmt: skip
-    return plt.subplots(nrows, ncols, figsize=(WIDTH * max(1, ncols / 1.6), height * nrows),
-                        squeeze=False)  # fmt: skip
+    plt.rcParams.update(
+        {
+            "font.size": 9,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "figure.dpi": 110,
+            "savefig.bbox": "tight",
+        }
+    )
+    return plt.subplots(
+        nrows, ncols, figsize=(WIDTH * max(1, ncols / 1.6), height * nrows), squeeze=False
+    )
 
 
 def depth_color(index: int, count: int):

@@ -69,8 +69,16 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         # The ReLU flow's compilation alone takes ~20 s of CPU: the quick scale runs GD only.
-        return cls(flow=False, depths=(2,), beta_max=(3.0,), max_steps=(300,), num_saves=16,
-                   seeds=2, gd_steps=2_000, gd_logs=12)  # fmt: skip
+        return cls(
+            flow=False,
+            depths=(2,),
+            beta_max=(3.0,),
+            max_steps=(300,),
+            num_saves=16,
+            seeds=2,
+            gd_steps=2_000,
+            gd_logs=12,
+        )
 
 
 def _velocity_alignment_fn(predictor, params):
@@ -108,35 +116,65 @@ def run(config: Config) -> dict[str, np.ndarray]:
         velocity_alignment = _velocity_alignment_fn(predictor, params0)
         if config.flow:
             predictor, params0, X, y = jm.reference_problem(depth)
-            sol = jm.gradient_flow(predictor, params0, X, y, beta_max=beta_max,
-                                   max_steps=max_steps, num_saves=config.num_saves,
-                                   rtol=config.rtol, atol=config.rtol * 1e-2)  # fmt: skip
+            sol = jm.gradient_flow(
+                predictor,
+                params0,
+                X,
+                y,
+                beta_max=beta_max,
+                max_steps=max_steps,
+                num_saves=config.num_saves,
+                rtol=config.rtol,
+                atol=config.rtol * 1e-2,
+            )
             tag = f"L{depth}_flow"
             autodiff, flow = _alignments(predictor, sol.params, X, y, velocity_alignment)
-            out.update({f"{tag}_log_beta": depth * np.asarray(sol.s),
-                        f"{tag}_soft_margin": np.asarray(sol.soft_margin),
-                        f"{tag}_phase": np.asarray(sol.phase),
-                        f"{tag}_alignment": autodiff, f"{tag}_velocity_alignment": flow,
-                        f"{tag}_code": np.asarray(int(sol.status.code)),
-                        f"{tag}_message": np.asarray(sol.status.message),
-                        f"{tag}_steps": np.asarray(sol.status.steps),
-                        f"{tag}_rejected": np.asarray(sol.status.rejected_steps)})  # fmt: skip
-            print(f"  alignment: L={depth} flow: {sol.status.message}, ln β ="
-                  f" {depth * float(sol.s[-1]):.2f}, alignment {autodiff[-1]:.4f} (autodiff),"
-                  f" {flow[-1]:.4f} (flow velocity) ({time.perf_counter() - start:.1f} s)",
-                  flush=True)  # fmt: skip
+            out.update(
+                {
+                    f"{tag}_log_beta": depth * np.asarray(sol.s),
+                    f"{tag}_soft_margin": np.asarray(sol.soft_margin),
+                    f"{tag}_phase": np.asarray(sol.phase),
+                    f"{tag}_alignment": autodiff,
+                    f"{tag}_velocity_alignment": flow,
+                    f"{tag}_code": np.asarray(int(sol.status.code)),
+                    f"{tag}_message": np.asarray(sol.status.message),
+                    f"{tag}_steps": np.asarray(sol.status.steps),
+                    f"{tag}_rejected": np.asarray(sol.status.rejected_steps),
+                }
+            )
+            print(
+                f"  alignment: L={depth} flow: {sol.status.message}, ln β ="
+                f" {depth * float(sol.s[-1]):.2f}, alignment {autodiff[-1]:.4f} (autodiff),"
+                f" {flow[-1]:.4f} (flow velocity) ({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
         for seed in range(config.seeds):
             predictor, params0, X, y = jm.reference_problem(depth, seed=seed)
-            gd = jm.gradient_descent(predictor, params0, X, y, schedule="loss_based",
-                                     steps=config.gd_steps, num_logs=config.gd_logs)  # fmt: skip
+            gd = jm.gradient_descent(
+                predictor,
+                params0,
+                X,
+                y,
+                schedule="loss_based",
+                steps=config.gd_steps,
+                num_logs=config.gd_logs,
+            )
             tag = f"L{depth}_gd{seed}"
             autodiff, flow = _alignments(predictor, gd.params, X, y, velocity_alignment)
-            out.update({f"{tag}_log_beta": depth * np.asarray(gd.log_rho),
-                        f"{tag}_soft_margin": np.asarray(gd.soft_margin),
-                        f"{tag}_alignment": autodiff, f"{tag}_velocity_alignment": flow,
-                        f"{tag}_ok": np.asarray(gd.status == "ok")})  # fmt: skip
-        print(f"  alignment: L={depth} GD, {config.seeds} seeds"
-              f" ({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+            out.update(
+                {
+                    f"{tag}_log_beta": depth * np.asarray(gd.log_rho),
+                    f"{tag}_soft_margin": np.asarray(gd.soft_margin),
+                    f"{tag}_alignment": autodiff,
+                    f"{tag}_velocity_alignment": flow,
+                    f"{tag}_ok": np.asarray(gd.status == "ok"),
+                }
+            )
+        print(
+            f"  alignment: L={depth} GD, {config.seeds} seeds"
+            f" ({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -148,22 +186,55 @@ def plot(results, config: Config) -> None:
         tag = f"L{depth}_flow"
         if config.flow:
             x = results[f"{tag}_log_beta"]
-            flow_ax.plot(x, results[f"{tag}_velocity_alignment"], "-", color=color, lw=2,
-                         label=f"L={depth}: its velocity (Filippov)")  # fmt: skip
-            flow_ax.plot(x, results[f"{tag}_alignment"], "--", color=color, lw=1.5,
-                         label=f"L={depth}: autodiff gradient")  # fmt: skip
-            margin_ax.plot(x, results[f"{tag}_soft_margin"], "-", color=color, lw=2,
-                           label=f"L={depth}, flow engine")  # fmt: skip
+            flow_ax.plot(
+                x,
+                results[f"{tag}_velocity_alignment"],
+                "-",
+                color=color,
+                lw=2,
+                label=f"L={depth}: its velocity (Filippov)",
+            )
+            flow_ax.plot(
+                x,
+                results[f"{tag}_alignment"],
+                "--",
+                color=color,
+                lw=1.5,
+                label=f"L={depth}: autodiff gradient",
+            )
+            margin_ax.plot(
+                x,
+                results[f"{tag}_soft_margin"],
+                "-",
+                color=color,
+                lw=2,
+                label=f"L={depth}, flow engine",
+            )
         for seed in range(config.seeds):
             tag = f"L{depth}_gd{seed}"
             first = seed == 0
-            gd_ax.plot(results[f"{tag}_log_beta"], results[f"{tag}_alignment"], "-", marker=".",
-                       ms=3, lw=0.6, color=color, label=f"L={depth}" if first else None)
+            gd_ax.plot(
+                results[f"{tag}_log_beta"],
+                results[f"{tag}_alignment"],
+                "-",
+                marker=".",
+                ms=3,
+                lw=0.6,
+                color=color,
+                label=f"L={depth}" if first else None,
+            )
             label = f"L={depth}, loss-based GD ({config.seeds} seeds)" if first else None
-            margin_ax.plot(results[f"{tag}_log_beta"], results[f"{tag}_soft_margin"], ":",
-                           color=color, label=label)  # fmt: skip
-    for ax, title in ((flow_ax, "Along the flow engine (seed 0)"),
-                      (gd_ax, f"Along loss-based GD ({config.seeds} seeds, autodiff gradient)")):
+            margin_ax.plot(
+                results[f"{tag}_log_beta"],
+                results[f"{tag}_soft_margin"],
+                ":",
+                color=color,
+                label=label,
+            )
+    for ax, title in (
+        (flow_ax, "Along the flow engine (seed 0)"),
+        (gd_ax, f"Along loss-based GD ({config.seeds} seeds, autodiff gradient)"),
+    ):
         ax.axhline(config.target, color="k", ls="--", lw=0.8, label=f"{config.target:g}")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel(r"$\ln \beta = L \ln\|w\|$")
@@ -175,8 +246,10 @@ def plot(results, config: Config) -> None:
     margin_ax.set_ylabel(r"soft margin $\tilde\gamma$")
     margin_ax.set_title("Soft margin (progress of each run)", fontsize=9)
     margin_ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Ji & Telgarsky (2020) alignment on the reference problem (ReLU MLP, width 32,"
-                 " n = 50)", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "Ji & Telgarsky (2020) alignment on the reference problem (ReLU MLP, width 32, n = 50)",
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
@@ -191,22 +264,43 @@ def summarize(results, config: Config) -> list[Claim]:
             log_beta = float(results[f"{tag}_log_beta"][-1])
             status = str(results[f"{tag}_message"])
             claims += [
-                Claim(NAME, f"L={depth}: alignment of the flow's velocity at the end of the flow"
-                      f" (ln β = {log_beta:.2f}; {status})", "cos∠(w, g_flow)", velocity,
-                      f">= {config.target:g}", velocity >= config.target),
-                Claim(NAME, f"L={depth}: the same point with the autodiff gradient (jm.alignment;"
-                      " relu'(0) = 0 on the sliding kinks)", "cos∠(w, -∇L) (autodiff)",
-                      autodiff, f">= {config.target:g}", autodiff >= config.target),
-            ]  # fmt: skip
-        finals = [float(np.median(results[f"L{depth}_gd{s}_alignment"][-5:]))
-                  for s in range(config.seeds)]  # fmt: skip
+                Claim(
+                    NAME,
+                    f"L={depth}: alignment of the flow's velocity at the end of the flow"
+                    f" (ln β = {log_beta:.2f}; {status})",
+                    "cos∠(w, g_flow)",
+                    velocity,
+                    f">= {config.target:g}",
+                    velocity >= config.target,
+                ),
+                Claim(
+                    NAME,
+                    f"L={depth}: the same point with the autodiff gradient (jm.alignment;"
+                    " relu'(0) = 0 on the sliding kinks)",
+                    "cos∠(w, -∇L) (autodiff)",
+                    autodiff,
+                    f">= {config.target:g}",
+                    autodiff >= config.target,
+                ),
+            ]
+        finals = [
+            float(np.median(results[f"L{depth}_gd{s}_alignment"][-5:])) for s in range(config.seeds)
+        ]
         value = float(np.median(finals))
-        log_beta = float(np.median([results[f"L{depth}_gd{s}_log_beta"][-1]
-                                    for s in range(config.seeds)]))  # fmt: skip
-        claims.append(Claim(
-            NAME, f"L={depth}: alignment along loss-based GD at ln β ≈ {log_beta:.1f} (median of"
-            f" the last 5 log points, median over {config.seeds} seeds)", "cos∠(w, -∇L)", value,
-            f">= {config.target:g}", value >= config.target))  # fmt: skip
+        log_beta = float(
+            np.median([results[f"L{depth}_gd{s}_log_beta"][-1] for s in range(config.seeds)])
+        )
+        claims.append(
+            Claim(
+                NAME,
+                f"L={depth}: alignment along loss-based GD at ln β ≈ {log_beta:.1f} (median of"
+                f" the last 5 log points, median over {config.seeds} seeds)",
+                "cos∠(w, -∇L)",
+                value,
+                f">= {config.target:g}",
+                value >= config.target,
+            )
+        )
     return [c._replace(value=float(c.value), holds=bool(c.holds)) for c in claims]
 
 

@@ -60,8 +60,15 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         # One depth: each depth costs a flow compilation (~10 s of CPU).
-        return cls(depths=(2,), seeds=1, beta_max=1e3, max_steps=4_000, num_saves=24,
-                   gd_steps=5_000, gd_logs=20)  # fmt: skip
+        return cls(
+            depths=(2,),
+            seeds=1,
+            beta_max=1e3,
+            max_steps=4_000,
+            num_saves=24,
+            gd_steps=5_000,
+            gd_logs=20,
+        )
 
 
 def dataset(seed: int, n: int, dim: int, sparsity: int):
@@ -109,33 +116,58 @@ def run(config: Config) -> dict[str, np.ndarray]:
             predictor = jm.diagonal_linear(depth, init_scale=config.init_scale)
             params0 = predictor.init(jax.random.key(100 + seed), config.dim)
             lp_net = float(network_margin(lp.direction, X, y, depth)[0])
-            sol = jm.gradient_flow(predictor, params0, X, y, beta_max=config.beta_max,
-                                   max_steps=config.max_steps, num_saves=config.num_saves,
-                                   tau_max=1e6)  # fmt: skip
+            sol = jm.gradient_flow(
+                predictor,
+                params0,
+                X,
+                y,
+                beta_max=config.beta_max,
+                max_steps=config.max_steps,
+                num_saves=config.num_saves,
+                tau_max=1e6,
+            )
             B = np.asarray(jax.vmap(predictor.end_to_end)(sol.params))
             final = jax.tree.map(lambda leaf: leaf[-1], sol.params)
             cert = jm.kkt_certificate(predictor, final, X, y, clarke_samples=0)
             metrics = _metrics(B, X, y, depth, lp.direction, lp_net)
-            out.update({f"{tag}_flow_log_beta": depth * np.asarray(sol.s),
-                        f"{tag}_flow_beta": B / np.max(np.abs(B), axis=1, keepdims=True),
-                        f"{tag}_flow_hard_margin": np.asarray(sol.hard_margin),
-                        f"{tag}_flow_code": np.asarray(int(sol.status.code)),
-                        f"{tag}_flow_steps": np.asarray(sol.status.steps),
-                        f"{tag}_flow_kkt": np.asarray(cert.stationarity),
-                        f"{tag}_lp_net_margin": np.asarray(lp_net)})  # fmt: skip
+            out.update(
+                {
+                    f"{tag}_flow_log_beta": depth * np.asarray(sol.s),
+                    f"{tag}_flow_beta": B / np.max(np.abs(B), axis=1, keepdims=True),
+                    f"{tag}_flow_hard_margin": np.asarray(sol.hard_margin),
+                    f"{tag}_flow_code": np.asarray(int(sol.status.code)),
+                    f"{tag}_flow_steps": np.asarray(sol.status.steps),
+                    f"{tag}_flow_kkt": np.asarray(cert.stationarity),
+                    f"{tag}_lp_net_margin": np.asarray(lp_net),
+                }
+            )
             out.update({f"{tag}_flow_{k}": v for k, v in metrics.items()})
-            print(f"  diagonal_l1: data seed {seed}, L={depth}: flow {sol.status.message}, ln β ="
-                  f" {depth * float(sol.s[-1]):.2f}, distance to LP {metrics['distance'][-1]:.4f}"
-                  f" ({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"  diagonal_l1: data seed {seed}, L={depth}: flow {sol.status.message}, ln β ="
+                f" {depth * float(sol.s[-1]):.2f}, distance to LP {metrics['distance'][-1]:.4f}"
+                f" ({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
             # Loss-based GD can take a step whose values are non-finite (alpha grows until a step
             # fails): GD then stops before it and the run is kept up to there, marked not ok.
-            gd = jm.gradient_descent(predictor, params0, X, y, schedule="loss_based",
-                                     steps=config.gd_steps, num_logs=config.gd_logs)  # fmt: skip
+            gd = jm.gradient_descent(
+                predictor,
+                params0,
+                X,
+                y,
+                schedule="loss_based",
+                steps=config.gd_steps,
+                num_logs=config.gd_logs,
+            )
             B = np.asarray(jax.vmap(predictor.end_to_end)(gd.params))
             metrics = _metrics(B, X, y, depth, lp.direction, lp_net)
-            out.update({f"{tag}_gd_log_beta": depth * np.asarray(gd.log_rho),
-                        f"{tag}_gd_beta": B / np.max(np.abs(B), axis=1, keepdims=True),
-                        f"{tag}_gd_ok": np.asarray(gd.status == "ok")})  # fmt: skip
+            out.update(
+                {
+                    f"{tag}_gd_log_beta": depth * np.asarray(gd.log_rho),
+                    f"{tag}_gd_beta": B / np.max(np.abs(B), axis=1, keepdims=True),
+                    f"{tag}_gd_ok": np.asarray(gd.status == "ok"),
+                }
+            )
             out.update({f"{tag}_gd_{k}": v for k, v in metrics.items()})
     return out
 
@@ -152,11 +184,20 @@ def plot(results, config: Config) -> None:
         if f"{tag}_flow_distance" not in results:
             continue
         color = f"C{seed}"
-        ax.semilogy(results[f"{tag}_flow_log_beta"], results[f"{tag}_flow_distance"], color=color,
-                    label=f"data seed {seed}, flow")  # fmt: skip
+        ax.semilogy(
+            results[f"{tag}_flow_log_beta"],
+            results[f"{tag}_flow_distance"],
+            color=color,
+            label=f"data seed {seed}, flow",
+        )
         keep = results[f"{tag}_gd_log_beta"] > 0
-        ax.semilogy(results[f"{tag}_gd_log_beta"][keep], results[f"{tag}_gd_distance"][keep],
-                    "--", color=color, label=f"data seed {seed}, loss-based GD")  # fmt: skip
+        ax.semilogy(
+            results[f"{tag}_gd_log_beta"][keep],
+            results[f"{tag}_gd_distance"][keep],
+            "--",
+            color=color,
+            label=f"data seed {seed}, loss-based GD",
+        )
     ax.axhline(config.close, color="k", lw=0.8, ls=":", label=f"{config.close:g}")
     ax.set_xlabel(r"$\ln \beta = L \ln\|w\|$")
     ax.set_ylabel(r"$\|\beta/\|\beta\|_1 - b_{LP}\|_1$")
@@ -167,28 +208,40 @@ def plot(results, config: Config) -> None:
     for i, depth in enumerate(config.depths):
         for seed in range(config.seeds):
             tag = f"seed{seed}_L{depth}"
-            ax.plot(results[f"{tag}_flow_log_beta"], results[f"{tag}_flow_margin_ratio"],
-                    styles[seed % 4], color=depth_color(i, len(config.depths)),
-                    label=f"L={depth}" if seed == 0 else None)  # fmt: skip
+            ax.plot(
+                results[f"{tag}_flow_log_beta"],
+                results[f"{tag}_flow_margin_ratio"],
+                styles[seed % 4],
+                color=depth_color(i, len(config.depths)),
+                label=f"L={depth}" if seed == 0 else None,
+            )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylim(0.0, None)
     ax.set_xlabel(r"$\ln \beta$")
     ax.set_ylabel(r"$\gamma_{net}(\beta) / \gamma_{net}(\beta_{LP})$")
-    ax.set_title("Network margin relative to the LP direction (line style = data seed)",
-                 fontsize=9)  # fmt: skip
+    ax.set_title("Network margin relative to the LP direction (line style = data seed)", fontsize=9)
     ax.legend(fontsize=7)
 
     ax = axes[1, 0]
     for i, depth in enumerate(config.depths):
         for seed in range(config.seeds):
             tag = f"seed{seed}_L{depth}"
-            ax.plot(results[f"{tag}_flow_log_beta"], results[f"{tag}_flow_sparsity"],
-                    styles[seed % 4], color=depth_color(i, len(config.depths)),
-                    label=f"L={depth}" if seed == 0 else None)  # fmt: skip
+            ax.plot(
+                results[f"{tag}_flow_log_beta"],
+                results[f"{tag}_flow_sparsity"],
+                styles[seed % 4],
+                color=depth_color(i, len(config.depths)),
+                label=f"L={depth}" if seed == 0 else None,
+            )
     for seed in range(config.seeds):
         lp = results[f"seed{seed}_lp_direction"]
-        ax.axhline(np.abs(lp).sum() / np.linalg.norm(lp), color="gray", lw=0.8, ls=styles[seed % 4],
-                   label="LP solution" if seed == 0 else None)  # fmt: skip
+        ax.axhline(
+            np.abs(lp).sum() / np.linalg.norm(lp),
+            color="gray",
+            lw=0.8,
+            ls=styles[seed % 4],
+            label="LP solution" if seed == 0 else None,
+        )
     ax.set_xlabel(r"$\ln \beta$")
     ax.set_ylabel(r"$\|\beta\|_1 / \|\beta\|_2$  (lower = sparser)")
     ax.set_title("Effective sparsity along the flow", fontsize=9)
@@ -201,14 +254,21 @@ def plot(results, config: Config) -> None:
     ax.bar(index - 0.4 + width / 2, np.abs(lp), width, color="gray", label="LP (l1) solution")
     for i, depth in enumerate(config.depths):
         beta = results[f"seed0_L{depth}_flow_beta"][-1]
-        ax.bar(index - 0.4 + (i + 1.5) * width, np.abs(beta) / np.abs(beta).sum(), width,
-               color=depth_color(i, len(config.depths)), label=f"flow, L={depth}")  # fmt: skip
+        ax.bar(
+            index - 0.4 + (i + 1.5) * width,
+            np.abs(beta) / np.abs(beta).sum(),
+            width,
+            color=depth_color(i, len(config.depths)),
+            label=f"flow, L={depth}",
+        )
     ax.set_xlabel("coordinate j")
     ax.set_ylabel(r"$|\beta_j| / \|\beta\|_1$ at the end")
     ax.set_title("Data seed 0: final directions", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle("Diagonal linear nets (Gunasekar et al. 2018): L = 2 → l1 max margin, deeper →"
-                 " sparser", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "Diagonal linear nets (Gunasekar et al. 2018): L = 2 → l1 max margin, deeper → sparser",
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
@@ -226,47 +286,100 @@ def summarize(results, config: Config) -> list[Claim]:
         log_beta = min(float(results[f"seed{s}_L2_flow_log_beta"][-1]) for s in seeds)
         close = int(np.sum(np.minimum(distances, gd_distances) <= config.close))
         claims += [
-            Claim(NAME, f"L=2 flow → l1 max-margin LP direction (best of {config.seeds} data"
-                  f" seeds, ln β ≥ {log_beta:.1f})", "min ||β/||β||_1 - b_LP||_1",
-                  float(distances.min()), "<= 0.01", float(distances.min()) <= 0.01),
-            Claim(NAME, f"L=2: data seeds within {config.close:g} of the LP direction at the end"
-                  " (flow or GD)", "count", float(close), f"= {config.seeds} (all)",
-                  close == config.seeds),
-            Claim(NAME, "L=2: l1-normalized margin of the flow's β / LP margin (worst data seed)",
-                  "min γ_l1(β) / γ_LP", float(ratios.min()), ">= 0.98", ratios.min() >= 0.98),
-        ]  # fmt: skip
+            Claim(
+                NAME,
+                f"L=2 flow → l1 max-margin LP direction (best of {config.seeds} data"
+                f" seeds, ln β ≥ {log_beta:.1f})",
+                "min ||β/||β||_1 - b_LP||_1",
+                float(distances.min()),
+                "<= 0.01",
+                float(distances.min()) <= 0.01,
+            ),
+            Claim(
+                NAME,
+                f"L=2: data seeds within {config.close:g} of the LP direction at the end"
+                " (flow or GD)",
+                "count",
+                float(close),
+                f"= {config.seeds} (all)",
+                close == config.seeds,
+            ),
+            Claim(
+                NAME,
+                "L=2: l1-normalized margin of the flow's β / LP margin (worst data seed)",
+                "min γ_l1(β) / γ_LP",
+                float(ratios.min()),
+                ">= 0.98",
+                ratios.min() >= 0.98,
+            ),
+        ]
     if len(config.depths) >= 2:
-        sparsity = np.array([[results[f"seed{s}_L{d}_flow_sparsity"][-1] for d in config.depths]
-                             for s in seeds]).mean(axis=0)  # fmt: skip
+        sparsity = np.array(
+            [[results[f"seed{s}_L{d}_flow_sparsity"][-1] for d in config.depths] for s in seeds]
+        ).mean(axis=0)
         trend = bool(np.all(np.diff(sparsity) < 0))
         values = " > ".join(f"{v:.3f}" for v in sparsity)
-        claims.append(Claim(
-            NAME, "sparser with depth: mean ||β||_1/||β||_2 over data seeds for"
-            f" L = {config.depths} is {values}", "mean ratio at the largest L / at L = 2",
-            float(sparsity[-1] / sparsity[0]), "strictly decreasing in L", trend))  # fmt: skip
+        claims.append(
+            Claim(
+                NAME,
+                "sparser with depth: mean ||β||_1/||β||_2 over data seeds for"
+                f" L = {config.depths} is {values}",
+                "mean ratio at the largest L / at L = 2",
+                float(sparsity[-1] / sparsity[0]),
+                "strictly decreasing in L",
+                trend,
+            )
+        )
     deep = [d for d in config.depths if d >= 3]
     if deep:
-        ratios = np.array([results[f"seed{s}_L{d}_flow_margin_ratio"][-1] for s in seeds
-                           for d in deep])  # fmt: skip
-        claims.append(Claim(
-            NAME, f"L = {deep}: the flow's direction beats the LP direction in the l_(2/L) problem"
-            f" (min ratio {ratios.min():.3f}, max {ratios.max():.3f})",
-            "runs with γ_net(β) / γ_net(β_LP) > 1", float(np.sum(ratios > 1)),
-            f"= {ratios.size} (all)", bool(np.all(ratios > 1))))  # fmt: skip
+        ratios = np.array(
+            [results[f"seed{s}_L{d}_flow_margin_ratio"][-1] for s in seeds for d in deep]
+        )
+        claims.append(
+            Claim(
+                NAME,
+                f"L = {deep}: the flow's direction beats the LP direction in the l_(2/L) problem"
+                f" (min ratio {ratios.min():.3f}, max {ratios.max():.3f})",
+                "runs with γ_net(β) / γ_net(β_LP) > 1",
+                float(np.sum(ratios > 1)),
+                f"= {ratios.size} (all)",
+                bool(np.all(ratios > 1)),
+            )
+        )
     kkt = max(float(results[f"seed{s}_L{d}_flow_kkt"]) for s in seeds for d in config.depths)
-    claims.append(Claim(NAME, "final flow directions are near KKT points of the network problem",
-                        "max relative KKT stationarity", kkt, "<= 1e-2", kkt <= 1e-2))
+    claims.append(
+        Claim(
+            NAME,
+            "final flow directions are near KKT points of the network problem",
+            "max relative KKT stationarity",
+            kkt,
+            "<= 1e-2",
+            kkt <= 1e-2,
+        )
+    )
     runs = [(s, d) for s in seeds for d in config.depths]
     finite = [(s, d) for s, d in runs if bool(results[f"seed{s}_L{d}_gd_ok"])]
     agree = sum(
-        float(np.abs(_unit_l1(results[f"seed{s}_L{d}_flow_beta"][-1])
-                     - _unit_l1(results[f"seed{s}_L{d}_gd_beta"][-1])).sum()) <= config.close
+        float(
+            np.abs(
+                _unit_l1(results[f"seed{s}_L{d}_flow_beta"][-1])
+                - _unit_l1(results[f"seed{s}_L{d}_gd_beta"][-1])
+            ).sum()
+        )
+        <= config.close
         for s, d in finite
-    )  # fmt: skip
-    claims.append(Claim(
-        NAME, f"loss-based GD ends at the flow's direction (l1 distance <= {config.close:g});"
-        f" {len(runs) - len(finite)} of {len(runs)} GD runs hit non-finite values",
-        "runs that agree", float(agree), f"= {len(runs)} (all)", agree == len(runs)))
+    )
+    claims.append(
+        Claim(
+            NAME,
+            f"loss-based GD ends at the flow's direction (l1 distance <= {config.close:g});"
+            f" {len(runs) - len(finite)} of {len(runs)} GD runs hit non-finite values",
+            "runs that agree",
+            float(agree),
+            f"= {len(runs)} (all)",
+            agree == len(runs),
+        )
+    )
     return [c._replace(value=float(c.value), holds=bool(c.holds)) for c in claims]
 
 

@@ -58,8 +58,14 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         # The ReLU flow's compilation alone takes ~20 s of CPU: GD stands in for it here.
-        return cls(trap_beta_max=1e3, trap_max_steps=5_000, relu_flow=False, gd_steps=5_000,
-                   seeds=2, num_saves=24)  # fmt: skip
+        return cls(
+            trap_beta_max=1e3,
+            trap_max_steps=5_000,
+            relu_flow=False,
+            gd_steps=5_000,
+            seeds=2,
+            num_saves=24,
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -84,9 +90,13 @@ def relu_problem():
 def relu_inits():
     """(trapped, revived) initial params of the width-3 net: unit 0 dead, or alive."""
     bisector = np.deg2rad(60.0)
-    W = np.array([[0.0, 0.0, -0.5],  # dead: pre-activation -1/2 on every example
-                  [0.5 * np.cos(bisector), 0.5 * np.sin(bisector), -0.2],
-                  [0.0, 0.0, 0.5]])  # fmt: skip
+    W = np.array(
+        [
+            [0.0, 0.0, -0.5],  # dead: pre-activation -1/2 on every example
+            [0.5 * np.cos(bisector), 0.5 * np.sin(bisector), -0.2],
+            [0.0, 0.0, 0.5],
+        ]
+    )
     a = np.array([0.3, 0.5, -0.5])
     revived = W.copy()
     revived[0] = [0.5, -0.1, 0.1]
@@ -115,10 +125,13 @@ def _last(params):
 
 
 def _flow_record(prefix, sol) -> dict:
-    return {f"{prefix}_s": np.asarray(sol.s), f"{prefix}_hard_margin": np.asarray(sol.hard_margin),
-            f"{prefix}_soft_margin": np.asarray(sol.soft_margin),
-            f"{prefix}_code": np.asarray(int(sol.status.code)),
-            f"{prefix}_steps": np.asarray(sol.status.steps)}  # fmt: skip
+    return {
+        f"{prefix}_s": np.asarray(sol.s),
+        f"{prefix}_hard_margin": np.asarray(sol.hard_margin),
+        f"{prefix}_soft_margin": np.asarray(sol.soft_margin),
+        f"{prefix}_code": np.asarray(int(sol.status.code)),
+        f"{prefix}_steps": np.asarray(sol.status.steps),
+    }
 
 
 def run(config: Config) -> dict[str, np.ndarray]:
@@ -128,23 +141,40 @@ def run(config: Config) -> dict[str, np.ndarray]:
     u1, v1 = config.trap_init
     for tag, second in (("trap", 0.0), ("escape", config.escape_size)):
         params0 = (jnp.array([u1, second]), jnp.array([v1, second]))
-        sol = jm.gradient_flow(predictor, params0, X, y, beta_max=config.trap_beta_max,
-                               max_steps=config.trap_max_steps,
-                               num_saves=config.num_saves)  # fmt: skip
+        sol = jm.gradient_flow(
+            predictor,
+            params0,
+            X,
+            y,
+            beta_max=config.trap_beta_max,
+            max_steps=config.trap_max_steps,
+            num_saves=config.num_saves,
+        )
         out.update(_flow_record(tag, sol))
         out[f"{tag}_second"] = np.abs(np.asarray(sol.params[0][:, 1])) + np.abs(
-            np.asarray(sol.params[1][:, 1]))
+            np.asarray(sol.params[1][:, 1])
+        )
         cert = jm.kkt_certificate(predictor, _last(sol.params), X, y)
         out[f"{tag}_kkt"] = np.asarray([cert.stationarity, cert.complementary_slackness])
-        print(f"  kkt_trap: {tag} flow: {sol.status.message}, margin"
-              f" {float(sol.hard_margin[-1]):.6f} ({time.perf_counter() - start:.1f} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"  kkt_trap: {tag} flow: {sol.status.message}, margin"
+            f" {float(sol.hard_margin[-1]):.6f} ({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
     # The max margin on the unit sphere of R^4: the top eigenvalue of [[0, D/2], [D/2, 0]].
     D = np.diag(X[0])
     block = np.block([[np.zeros((2, 2)), D / 2], [D / 2, np.zeros((2, 2))]])
     out["max_margin"] = np.asarray(np.linalg.eigvalsh(block).max())
-    out["e2_margin"] = np.asarray(float(jm.hard_margin(
-        predictor, (jnp.array([0.0, 1.0]) / np.sqrt(2), jnp.array([0.0, 1.0]) / np.sqrt(2)), X, y)))
+    out["e2_margin"] = np.asarray(
+        float(
+            jm.hard_margin(
+                predictor,
+                (jnp.array([0.0, 1.0]) / np.sqrt(2), jnp.array([0.0, 1.0]) / np.sqrt(2)),
+                X,
+                y,
+            )
+        )
+    )
     phi = np.linspace(0.0, np.pi / 2, 91)
     out["turn_phi"] = phi
     out["turn_margin"] = (np.cos(phi) ** 2 + 2 * np.sin(phi) ** 2) / 2
@@ -156,34 +186,57 @@ def run(config: Config) -> dict[str, np.ndarray]:
     out["relu_X"], out["relu_y"] = X, y
     for tag, params0 in (("relu_trapped", trapped0), ("relu_revived", revived0)):
         unit0_init = np.append(np.asarray(params0[0][0]), float(params0[1][0]))
-        gd = jm.gradient_descent(predictor, params0, X, y, schedule="loss_based",
-                                 steps=config.gd_steps, num_logs=config.num_saves)  # fmt: skip
+        gd = jm.gradient_descent(
+            predictor,
+            params0,
+            X,
+            y,
+            schedule="loss_based",
+            steps=config.gd_steps,
+            num_logs=config.num_saves,
+        )
         out[f"{tag}_gd_margin"] = np.asarray(float(gd.hard_margin[-1]))
         gd_unit0 = np.append(np.asarray(gd.final_params[0][0]), float(gd.final_params[1][0]))
         out[f"{tag}_gd_unit0_change"] = np.asarray(np.abs(gd_unit0 - unit0_init).max())
         if config.relu_flow:
-            sol = jm.gradient_flow(predictor, params0, X, y, beta_max=config.relu_beta_max,
-                                   max_steps=config.relu_max_steps, num_saves=config.num_saves)
+            sol = jm.gradient_flow(
+                predictor,
+                params0,
+                X,
+                y,
+                beta_max=config.relu_beta_max,
+                max_steps=config.relu_max_steps,
+                num_saves=config.num_saves,
+            )
             out.update(_flow_record(tag, sol))
             params, message = sol.params, sol.status.message
         else:  # quick scale: GD's trajectory stands in for the flow (no ReLU flow compilation)
-            out.update({f"{tag}_s": np.asarray(gd.log_rho),
-                        f"{tag}_hard_margin": np.asarray(gd.hard_margin),
-                        f"{tag}_soft_margin": np.asarray(gd.soft_margin),
-                        f"{tag}_code": np.asarray(0 if gd.status == "ok" else 3),
-                        f"{tag}_steps": np.asarray([0, int(gd.step[-1])])})  # fmt: skip
+            out.update(
+                {
+                    f"{tag}_s": np.asarray(gd.log_rho),
+                    f"{tag}_hard_margin": np.asarray(gd.hard_margin),
+                    f"{tag}_soft_margin": np.asarray(gd.soft_margin),
+                    f"{tag}_code": np.asarray(0 if gd.status == "ok" else 3),
+                    f"{tag}_steps": np.asarray([0, int(gd.step[-1])]),
+                }
+            )
             params, message = gd.params, f"loss-based GD instead of the flow: {gd.status}"
         final = _last(params)
         out[f"{tag}_W"], out[f"{tag}_a"] = np.asarray(final[0]), np.asarray(final[1])
         # Unit 0's weights along the run. In the flow's polar clock they are e^s θ_0 with θ_0
         # decaying like e^-s, so the saved values carry the integrator's relative error.
-        unit0 = np.concatenate([np.asarray(params[0][:, 0]),
-                                np.asarray(params[1][:, 0])[:, None]], axis=1)  # fmt: skip
+        unit0 = np.concatenate(
+            [np.asarray(params[0][:, 0]), np.asarray(params[1][:, 0])[:, None]], axis=1
+        )
         out[f"{tag}_unit0_change"] = np.asarray(
-            np.abs(unit0 - unit0_init).max() / np.abs(unit0_init).max())
-        print(f"  kkt_trap: {tag} ReLU net: {message}, margin"
-              f" {float(out[f'{tag}_hard_margin'][-1]):.5f}, GD {float(gd.hard_margin[-1]):.5f}"
-              f" ({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+            np.abs(unit0 - unit0_init).max() / np.abs(unit0_init).max()
+        )
+        print(
+            f"  kkt_trap: {tag} ReLU net: {message}, margin"
+            f" {float(out[f'{tag}_hard_margin'][-1]):.5f}, GD {float(gd.hard_margin[-1]):.5f}"
+            f" ({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
     # KKT certificates of the end points. The support examples sit on kinks of the limit, but
     # at beta = 1e4 their pre-activations are ~1e-4 relative away from 0, far outside the 1e-9
     # band in which kkt_certificate samples Clarke elements, so the raw certificate sees only
@@ -199,17 +252,28 @@ def run(config: Config) -> dict[str, np.ndarray]:
         snapped, moved = snap_to_kinks(params[0], X)
         raw = jm.kkt_certificate(net, (jnp.asarray(params[0]), jnp.asarray(params[1])), X, y)
         cert = jm.kkt_certificate(net, (jnp.asarray(snapped), jnp.asarray(params[1])), X, y)
-        out[f"{tag}_kkt"] = np.asarray([cert.stationarity, cert.complementary_slackness,
-                                        raw.stationarity, moved])  # fmt: skip
+        out[f"{tag}_kkt"] = np.asarray(
+            [cert.stationarity, cert.complementary_slackness, raw.stationarity, moved]
+        )
     random_margins = []
     for seed in range(config.seeds):
         params0 = predictor.init(jax.random.key(seed), 3)
-        gd = jm.gradient_descent(predictor, params0, X, y, schedule="loss_based",
-                                 steps=config.gd_steps, num_logs=config.num_saves)  # fmt: skip
+        gd = jm.gradient_descent(
+            predictor,
+            params0,
+            X,
+            y,
+            schedule="loss_based",
+            steps=config.gd_steps,
+            num_logs=config.num_saves,
+        )
         random_margins.append(float(gd.hard_margin[-1]) if gd.status == "ok" else np.nan)
     out["relu_random_gd_margins"] = np.asarray(random_margins)
-    print(f"  kkt_trap: random inits (GD): margins {np.round(random_margins, 5).tolist()}"
-          f" ({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+    print(
+        f"  kkt_trap: random inits (GD): margins {np.round(random_margins, 5).tolist()}"
+        f" ({time.perf_counter() - start:.1f} s)",
+        flush=True,
+    )
     return out
 
 
@@ -219,8 +283,10 @@ def run(config: Config) -> dict[str, np.ndarray]:
 def plot(results, config: Config) -> None:
     fig, axes = figure(ncols=3, height=3.6)
     ax = axes[0, 0]
-    for tag, label, color in (("trap", "u2(0) = v2(0) = 0 (trap)", "C3"),
-                              ("escape", f"u2(0) = v2(0) = {config.escape_size:g}", "C0")):
+    for tag, label, color in (
+        ("trap", "u2(0) = v2(0) = 0 (trap)", "C3"),
+        ("escape", f"u2(0) = v2(0) = {config.escape_size:g}", "C0"),
+    ):
         ax.plot(results[f"{tag}_s"], results[f"{tag}_hard_margin"], color=color, label=label)
     ax.axhline(float(results["max_margin"]), color="k", ls="--", lw=0.8, label="max margin 1")
     ax.axhline(0.5, color="C3", ls=":", lw=0.8, label="1/2")
@@ -243,27 +309,36 @@ def plot(results, config: Config) -> None:
     grid = np.linspace(-2.5, 2.8, 200)
     G1, G2 = np.meshgrid(grid, grid)
     points = np.stack([G1.ravel(), G2.ravel(), np.ones(G1.size)], axis=1)
-    for tag, color, label in (("relu_trapped", "C3", "trapped (unit 0 dead)"),
-                              ("relu_revived", "C0", "revived")):
+    for tag, color, label in (
+        ("relu_trapped", "C3", "trapped (unit 0 dead)"),
+        ("relu_revived", "C0", "revived"),
+    ):
         W, a = results[f"{tag}_W"], results[f"{tag}_a"]
         f = np.maximum(points @ W.T, 0.0) @ a
         ax.contour(G1, G2, f.reshape(G1.shape), levels=[0.0], colors=color)
-        ax.plot([], [], color=color,
-                label=f"{label}: margin {float(results[f'{tag}_hard_margin'][-1]):.4f}")
+        ax.plot(
+            [],
+            [],
+            color=color,
+            label=f"{label}: margin {float(results[f'{tag}_hard_margin'][-1]):.4f}",
+        )
     ax.set_xlabel("x1")
     ax.set_ylabel("x2")
     ax.set_aspect("equal")
     ax.set_title("Dead ReLU unit: decision boundaries f = 0", fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
-    fig.suptitle("Gradient flow ends at KKT points that are not max-margin (Vardi et al. 2022)",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "Gradient flow ends at KKT points that are not max-margin (Vardi et al. 2022)", fontsize=10
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
     fig, axes = figure(ncols=1, height=3.4)
     ax = axes[0, 0]
-    for tag, color, label in (("relu_trapped", "C3", "unit 0 dead (never moves)"),
-                              ("relu_revived", "C0", "unit 0 revived")):
+    for tag, color, label in (
+        ("relu_trapped", "C3", "unit 0 dead (never moves)"),
+        ("relu_revived", "C0", "unit 0 revived"),
+    ):
         ax.plot(results[f"{tag}_s"], results[f"{tag}_hard_margin"], color=color, label=label)
     best = float(np.nanmax(results["relu_random_gd_margins"]))
     ax.axhline(best, color="k", ls=":", lw=0.8, label=f"best of random inits (GD): {best:.4f}")
@@ -293,29 +368,75 @@ def summarize(results, config: Config) -> list[Claim]:
     flow_moved = float(results["relu_trapped_unit0_change"])
     reached = all(int(results[f"{tag}_code"]) == 0 for tag in ("trap", "escape"))
     claims = [
-        Claim(NAME, "diagonal trap: the flow's normalized margin tends to 1/2",
-              "final margin", trap, "0.5 ± 1e-3 (flow reached its target)",
-              abs(trap - 0.5) <= 1e-3 and reached),
-        Claim(NAME, "diagonal trap: the second coordinate stays exactly 0",
-              "max |u2| + |v2| along the flow", second, "= 0", second == 0.0),
-        Claim(NAME, "diagonal trap: the end point is KKT (kkt_certificate)",
-              "relative stationarity", stationarity, "<= 1e-6", stationarity <= 1e-6),
-        Claim(NAME, "diagonal trap: the max margin (along e2) is 1",
-              "top eigenvalue of [[0, D/2], [D/2, 0]]", max_margin, "= 1 (1e-12)",
-              abs(max_margin - 1) <= 1e-12 and abs(float(results["e2_margin"]) - 1) <= 1e-12),
-        Claim(NAME, f"diagonal trap: u2(0) = v2(0) = {config.escape_size:g} escapes towards the"
-              " max margin 1 (slowly: 1 - γ shrinks like 1/||w||)", "final margin", escape,
-              ">= 0.99", escape >= 0.99),
-        Claim(NAME, "dead ReLU unit never moves (loss-based GD; the flow engine: relative"
-              f" {flow_moved:.1e}, its polar-clock integration error)",
-              "max |change| of its weights under GD", moved, "= 0", moved == 0.0),
-        Claim(NAME, "dead ReLU unit: the trapped end point is KKT for the remaining net"
-              f" (snapped to its kinks; unsnapped: {raw_kkt:.3g})",
-              "relative stationarity (width-2 net)", live_kkt, "<= 1e-3", live_kkt <= 1e-3),
-        Claim(NAME, f"dead ReLU unit: trapped margin {trapped:.4f} < revived {revived:.4f}"
-              f" (best random init, GD: {best_random:.4f})", "trapped / revived margin",
-              trapped / revived, "< 1", trapped < revived),
-    ]  # fmt: skip
+        Claim(
+            NAME,
+            "diagonal trap: the flow's normalized margin tends to 1/2",
+            "final margin",
+            trap,
+            "0.5 ± 1e-3 (flow reached its target)",
+            abs(trap - 0.5) <= 1e-3 and reached,
+        ),
+        Claim(
+            NAME,
+            "diagonal trap: the second coordinate stays exactly 0",
+            "max |u2| + |v2| along the flow",
+            second,
+            "= 0",
+            second == 0.0,
+        ),
+        Claim(
+            NAME,
+            "diagonal trap: the end point is KKT (kkt_certificate)",
+            "relative stationarity",
+            stationarity,
+            "<= 1e-6",
+            stationarity <= 1e-6,
+        ),
+        Claim(
+            NAME,
+            "diagonal trap: the max margin (along e2) is 1",
+            "top eigenvalue of [[0, D/2], [D/2, 0]]",
+            max_margin,
+            "= 1 (1e-12)",
+            abs(max_margin - 1) <= 1e-12 and abs(float(results["e2_margin"]) - 1) <= 1e-12,
+        ),
+        Claim(
+            NAME,
+            f"diagonal trap: u2(0) = v2(0) = {config.escape_size:g} escapes towards the"
+            " max margin 1 (slowly: 1 - γ shrinks like 1/||w||)",
+            "final margin",
+            escape,
+            ">= 0.99",
+            escape >= 0.99,
+        ),
+        Claim(
+            NAME,
+            "dead ReLU unit never moves (loss-based GD; the flow engine: relative"
+            f" {flow_moved:.1e}, its polar-clock integration error)",
+            "max |change| of its weights under GD",
+            moved,
+            "= 0",
+            moved == 0.0,
+        ),
+        Claim(
+            NAME,
+            "dead ReLU unit: the trapped end point is KKT for the remaining net"
+            f" (snapped to its kinks; unsnapped: {raw_kkt:.3g})",
+            "relative stationarity (width-2 net)",
+            live_kkt,
+            "<= 1e-3",
+            live_kkt <= 1e-3,
+        ),
+        Claim(
+            NAME,
+            f"dead ReLU unit: trapped margin {trapped:.4f} < revived {revived:.4f}"
+            f" (best random init, GD: {best_random:.4f})",
+            "trapped / revived margin",
+            trapped / revived,
+            "< 1",
+            trapped < revived,
+        ),
+    ]
     return [c._replace(value=float(c.value), holds=bool(c.holds)) for c in claims]
 
 

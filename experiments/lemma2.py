@@ -54,8 +54,9 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(depths=(2, 3), seeds=3, num_samples=8, num_combinations=8,
-                   radii=(1e-8, 1e-4, 1e-2))  # fmt: skip
+        return cls(
+            depths=(2, 3), seeds=3, num_samples=8, num_combinations=8, radii=(1e-8, 1e-4, 1e-2)
+        )
 
 
 # --------------------------------------------------------------------------- kink points
@@ -102,10 +103,13 @@ def _kink_point(config, depth, rng, max_tries=200):
         x[0] = 2.0  # never the zero vector
         params = integer_params_on_kinks(depth, config.width, x, rng)
         grads = [
-            np.asarray(jm.autodiff_subgradient(
-                jm.relu_mlp(depth, config.width, relu_grad_at_zero=a), params, x))
+            np.asarray(
+                jm.autodiff_subgradient(
+                    jm.relu_mlp(depth, config.width, relu_grad_at_zero=a), params, x
+                )
+            )
             for a in CONVENTIONS
-        ]  # fmt: skip
+        ]
         spread = float(np.max(np.abs(grads[0] - grads[-1])))
         # Keep points where the last hidden layer is alive: then every Clarke element has
         # ||s|| >= ||h_last|| >= 1 (integers), and the relative error is well conditioned. With
@@ -126,11 +130,13 @@ def _relu_difference(key, num_samples):
         return lambda w: activation(w[0]) - activation(-w[0])
 
     at_zero = (jnp.zeros(()),)
-    autodiff = np.array([float(jax.grad(program(jm.kinked_linear(0.0, a)))(at_zero)[0])
-                         for a in CONVENTIONS])  # fmt: skip
+    autodiff = np.array(
+        [float(jax.grad(program(jm.kinked_linear(0.0, a)))(at_zero)[0]) for a in CONVENTIONS]
+    )
     jax_relu = float(jax.grad(program(jax.nn.relu))(at_zero)[0])
-    sampled = jm.sampled_clarke_subgradients(program(jax.nn.relu), at_zero, key,
-                                             num_samples=num_samples)  # fmt: skip
+    sampled = jm.sampled_clarke_subgradients(
+        program(jax.nn.relu), at_zero, key, num_samples=num_samples
+    )
     return autodiff, jax_relu, np.asarray(sampled).ravel()
 
 
@@ -155,11 +161,15 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 autodiff_error[i, j, k] = _relative_error(convention, params, x, grads[k])[0]
             key, k_sample, k_mix = jax.random.split(key, 3)
             fn = lambda w, x=x: predictor.apply(w, x)  # noqa: E731
-            samples = np.asarray(jm.sampled_clarke_subgradients(
-                fn, params, k_sample, num_samples=config.num_samples, radius=config.radius))
+            samples = np.asarray(
+                jm.sampled_clarke_subgradients(
+                    fn, params, k_sample, num_samples=config.num_samples, radius=config.radius
+                )
+            )
             # Normalised exponentials: Dirichlet(1, ..., 1) weights.
-            mix = np.asarray(jax.random.exponential(
-                k_mix, (config.num_combinations, config.num_samples)))  # fmt: skip
+            mix = np.asarray(
+                jax.random.exponential(k_mix, (config.num_combinations, config.num_samples))
+            )
             mix = mix / mix.sum(axis=1, keepdims=True)
             sampled_error[i, j] = _relative_error(predictor, params, x, samples)
             combination_error[i, j] = _relative_error(predictor, params, x, mix @ samples)
@@ -168,20 +178,32 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 for r, radius in enumerate(config.radii):
                     for extrapolate, out in ((False, raw_error), (True, extrapolated_error)):
                         elements = jm.sampled_clarke_subgradients(
-                            fn, params, k_sample, num_samples=config.num_samples,
-                            radius=radius, extrapolate=extrapolate)  # fmt: skip
+                            fn,
+                            params,
+                            k_sample,
+                            num_samples=config.num_samples,
+                            radius=radius,
+                            extrapolate=extrapolate,
+                        )
                         out[i, r] = _relative_error(predictor, params, x, elements).max()
         print(f"  lemma2: depth {depth} done ({time.perf_counter() - start:.1f} s)", flush=True)
     key, k_diff = jax.random.split(key)
     diff_autodiff, diff_jax_relu, diff_sampled = _relu_difference(k_diff, config.num_samples)
     return dict(
-        depths=np.asarray(config.depths), conventions=np.asarray(CONVENTIONS),
-        autodiff_error=autodiff_error, sampled_error=sampled_error,
-        combination_error=combination_error, distinct_elements=distinct,
-        convention_spread=spread, radii=np.asarray(config.radii), raw_error=raw_error,
-        extrapolated_error=extrapolated_error, diff_autodiff=diff_autodiff,
-        diff_jax_relu=np.asarray(diff_jax_relu), diff_sampled=diff_sampled,
-    )  # fmt: skip
+        depths=np.asarray(config.depths),
+        conventions=np.asarray(CONVENTIONS),
+        autodiff_error=autodiff_error,
+        sampled_error=sampled_error,
+        combination_error=combination_error,
+        distinct_elements=distinct,
+        convention_spread=spread,
+        radii=np.asarray(config.radii),
+        raw_error=raw_error,
+        extrapolated_error=extrapolated_error,
+        diff_autodiff=diff_autodiff,
+        diff_jax_relu=np.asarray(diff_jax_relu),
+        diff_sampled=diff_sampled,
+    )
 
 
 # --------------------------------------------------------------------------- figure
@@ -194,17 +216,27 @@ def plot(results, config: Config) -> None:
     fig, axes = figure(ncols=3, height=3.6)
     ax = axes[0, 0]
     depths = results["depths"]
-    groups = [(f"autodiff, relu'(0)={a:g}", results["autodiff_error"][:, :, k])
-              for k, a in enumerate(results["conventions"])]  # fmt: skip
-    groups += [("sampled Clarke", results["sampled_error"]),
-               ("convex combinations", results["combination_error"])]  # fmt: skip
+    groups = [
+        (f"autodiff, relu'(0)={a:g}", results["autodiff_error"][:, :, k])
+        for k, a in enumerate(results["conventions"])
+    ]
+    groups += [
+        ("sampled Clarke", results["sampled_error"]),
+        ("convex combinations", results["combination_error"]),
+    ]
     markers = ["o", "s", "^", "x", "+"]
     for g, (label, errors) in enumerate(groups):
         offset = (g - (len(groups) - 1) / 2) * 0.12
         for i, depth in enumerate(depths):
             values = np.maximum(np.ravel(errors[i]), FLOOR)
-            ax.scatter(np.full(values.size, depth + offset), values, s=10, marker=markers[g],
-                       color=depth_color(g, len(groups)), label=label if i == 0 else None)
+            ax.scatter(
+                np.full(values.size, depth + offset),
+                values,
+                s=10,
+                marker=markers[g],
+                color=depth_color(g, len(groups)),
+                label=label if i == 0 else None,
+            )
     ax.axhline(config.tol_autodiff, color="k", ls="--", lw=0.8, label="1e-12 / 1e-9 bounds")
     ax.axhline(config.tol_sampled, color="k", ls="--", lw=0.8)
     ax.set_yscale("log")
@@ -218,10 +250,20 @@ def plot(results, config: Config) -> None:
     radii = results["radii"]
     for i, depth in enumerate(depths):
         color = depth_color(i, len(depths))
-        ax.loglog(radii, np.maximum(results["raw_error"][i], FLOOR), "o--", color=color,
-                  label=f"L={depth} raw gradient at radius r")
-        ax.loglog(radii, np.maximum(results["extrapolated_error"][i], FLOOR), "s-", color=color,
-                  label=f"L={depth} extrapolated 2g(r)-g(2r)")
+        ax.loglog(
+            radii,
+            np.maximum(results["raw_error"][i], FLOOR),
+            "o--",
+            color=color,
+            label=f"L={depth} raw gradient at radius r",
+        )
+        ax.loglog(
+            radii,
+            np.maximum(results["extrapolated_error"][i], FLOOR),
+            "s-",
+            color=color,
+            label=f"L={depth} extrapolated 2g(r)-g(2r)",
+        )
     ax.set_xlabel("sampling radius r / ||w||")
     ax.set_ylabel("max relative Euler error")
     ax.set_title("Gradient sampling: O(r) bias vs extrapolation", fontsize=9)
@@ -232,15 +274,21 @@ def plot(results, config: Config) -> None:
     ax.plot(conventions, results["diff_autodiff"], "o-", label="autodiff, relu'(0) = a")
     ax.plot([0.0], [float(results["diff_jax_relu"])], "kx", ms=9, label="jax.nn.relu")
     sampled = results["diff_sampled"]
-    ax.scatter(np.linspace(0, 1, sampled.size), sampled, s=12, color="C3",
-               label=f"{sampled.size} sampled Clarke elements")
+    ax.scatter(
+        np.linspace(0, 1, sampled.size),
+        sampled,
+        s=12,
+        color="C3",
+        label=f"{sampled.size} sampled Clarke elements",
+    )
     ax.axhline(1.0, color="C3", ls=":", lw=1, label="Clarke set {1}")
     ax.set_xlabel("relu'(0) convention a (sample index for sampled elements)")
     ax.set_ylabel("derivative of relu(z) - relu(-z) at z = 0")
     ax.set_title("Autodiff leaves the Clarke set (Kakade & Lee 2018)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle("Lemma 2: <s, w> = L f(w) for Clarke elements of ReLU nets at exact kinks",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "Lemma 2: <s, w> = L f(w) for Clarke elements of ReLU nets at exact kinks", fontsize=10
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
@@ -256,21 +304,47 @@ def summarize(results, config: Config) -> list[Claim]:
     clarke_dev = float(np.max(np.abs(results["diff_sampled"] - 1.0)))
     depths = ", ".join(str(int(d)) for d in results["depths"])
     claims = [
-        Claim(NAME, f"Lemma 2, autodiff with relu'(0) in {{0, 0.5, 1}}, depths {depths}",
-              "max relative Euler error", autodiff, f"<= {config.tol_autodiff:g}",
-              autodiff <= config.tol_autodiff),
-        Claim(NAME, "Lemma 2, sampled Clarke elements and their convex combinations",
-              "max relative Euler error", sampled, f"<= {config.tol_sampled:g}",
-              sampled <= config.tol_sampled),
-        Claim(NAME, "the test points sit on kinks that matter",
-              "min max|autodiff(relu'(0)=1) - autodiff(relu'(0)=0)|", spread, "> 1e-3",
-              spread > 1e-3),
-        Claim(NAME, "autodiff (jax.nn.relu) of relu(z) - relu(-z) at z = 0 leaves the Clarke set",
-              "autodiff derivative at 0", jax_relu, "= 0, not in the Clarke set {1}",
-              jax_relu == 0.0 and clarke_dev <= 1e-12),
-        Claim(NAME, "sampled Clarke elements of relu(z) - relu(-z) at z = 0",
-              "max |s - 1|", clarke_dev, "<= 1e-12", clarke_dev <= 1e-12),
-    ]  # fmt: skip
+        Claim(
+            NAME,
+            f"Lemma 2, autodiff with relu'(0) in {{0, 0.5, 1}}, depths {depths}",
+            "max relative Euler error",
+            autodiff,
+            f"<= {config.tol_autodiff:g}",
+            autodiff <= config.tol_autodiff,
+        ),
+        Claim(
+            NAME,
+            "Lemma 2, sampled Clarke elements and their convex combinations",
+            "max relative Euler error",
+            sampled,
+            f"<= {config.tol_sampled:g}",
+            sampled <= config.tol_sampled,
+        ),
+        Claim(
+            NAME,
+            "the test points sit on kinks that matter",
+            "min max|autodiff(relu'(0)=1) - autodiff(relu'(0)=0)|",
+            spread,
+            "> 1e-3",
+            spread > 1e-3,
+        ),
+        Claim(
+            NAME,
+            "autodiff (jax.nn.relu) of relu(z) - relu(-z) at z = 0 leaves the Clarke set",
+            "autodiff derivative at 0",
+            jax_relu,
+            "= 0, not in the Clarke set {1}",
+            jax_relu == 0.0 and clarke_dev <= 1e-12,
+        ),
+        Claim(
+            NAME,
+            "sampled Clarke elements of relu(z) - relu(-z) at z = 0",
+            "max |s - 1|",
+            clarke_dev,
+            "<= 1e-12",
+            clarke_dev <= 1e-12,
+        ),
+    ]
     return [c._replace(value=float(c.value), holds=bool(c.holds)) for c in claims]
 
 

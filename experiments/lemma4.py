@@ -82,9 +82,12 @@ def _trial(predictor, num_samples, params, X, y, key):
         "autodiff": jm.margin_jacobian(predictor, params, X, y),
         "sampled": jax.vmap(sampled_row)(X, y, jax.random.split(key, n)),
     }
-    slacks = {name: jm.lemma4_slack(predictor, params, X, y,
-                                    jm.chain_rule_element(predictor, params, X, y, G))
-              for name, G in rows.items()}  # fmt: skip
+    slacks = {
+        name: jm.lemma4_slack(
+            predictor, params, X, y, jm.chain_rule_element(predictor, params, X, y, G)
+        )
+        for name, G in rows.items()
+    }
     m = jm.margins(predictor, params, X, y)
     p = jax.nn.softmax(-m)
     entropy = -jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)))
@@ -99,26 +102,30 @@ def run(config: Config) -> dict[str, np.ndarray]:
     out = {name: np.zeros(shape) for name in names}
     degrees = np.zeros(len(models), dtype=np.int64)
     start = time.perf_counter()
-    for i, (label, predictor, in_shape) in progress(enumerate(models), "lemma4",
-                                                     total=len(models)):
+    for i, (label, predictor, in_shape) in progress(enumerate(models), "lemma4", total=len(models)):
         degrees[i] = predictor.degree
         for j in range(config.seeds):
             key = jax.random.fold_in(jax.random.key(i), j)
             k_data, k_label, k_w, k_scale, k_trial = jax.random.split(key, 5)
             X = jax.random.normal(k_data, (config.n, *in_shape), dtype=jnp.float64)
             y = jnp.where(jax.random.bernoulli(k_label, 0.5, (config.n,)), 1.0, -1.0)
-            log10_scale = float(jax.random.uniform(k_scale, minval=config.log10_scale[0],
-                                                   maxval=config.log10_scale[1]))  # fmt: skip
+            log10_scale = float(
+                jax.random.uniform(
+                    k_scale, minval=config.log10_scale[0], maxval=config.log10_scale[1]
+                )
+            )
             init = predictor.init(k_w, in_shape[0] if len(in_shape) == 1 else in_shape)
             params = tuple(layer * 10.0**log10_scale for layer in init)
             values = _trial(predictor, config.num_samples, params, X, y, k_trial)
-            for name, value in zip(("slack_autodiff", "slack_sampled", "degree_entropy", "scale"),
-                                   values):  # fmt: skip
+            for name, value in zip(
+                ("slack_autodiff", "slack_sampled", "degree_entropy", "scale"), values
+            ):
                 out[name][i, j] = float(value)
             out["log10_scale"][i, j] = log10_scale
         print(f"  lemma4: {label} done ({time.perf_counter() - start:.1f} s)", flush=True)
-    return dict(out, degrees=degrees, labels=np.asarray([m[0] for m in models]),
-                n=np.asarray(config.n))  # fmt: skip
+    return dict(
+        out, degrees=degrees, labels=np.asarray([m[0] for m in models]), n=np.asarray(config.n)
+    )
 
 
 def plot(results, config: Config) -> None:
@@ -128,11 +135,22 @@ def plot(results, config: Config) -> None:
     for i, label in enumerate(labels):
         color = depth_color(i, len(labels))
         for name, marker in (("slack_autodiff", "o"), ("slack_sampled", "x")):
-            left.scatter(results["degree_entropy"][i], results[name][i], s=12, marker=marker,
-                         color=color, label=label if name == "slack_autodiff" else None)
+            left.scatter(
+                results["degree_entropy"][i],
+                results[name][i],
+                s=12,
+                marker=marker,
+                color=color,
+                label=label if name == "slack_autodiff" else None,
+            )
             error = np.abs(results[name][i] - results["degree_entropy"][i]) / results["scale"][i]
-            right.scatter(10.0 ** results["log10_scale"][i], np.maximum(error, 1e-18), s=12,
-                          marker=marker, color=color)
+            right.scatter(
+                10.0 ** results["log10_scale"][i],
+                np.maximum(error, 1e-18),
+                s=12,
+                marker=marker,
+                color=color,
+            )
     top = float(np.max(results["degrees"]) * np.log(float(results["n"])))
     left.plot([0, top], [0, top], "k--", lw=0.8, label="slack = L H(p)")
     left.set_xlabel("L H(p),  p = softmax(-m)")
@@ -146,8 +164,9 @@ def plot(results, config: Config) -> None:
     right.set_ylabel("|slack - L H(p)| / (L (max|m| + ln n))  (0 at 1e-18)")
     right.set_title("Relative deviation from the exact identity", fontsize=9)
     right.legend(fontsize=7)
-    fig.suptitle("Lemma 4: slack = L H(p) >= 0 over the predictor zoo, random data and scales",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "Lemma 4: slack = L H(p) >= 0 over the predictor zoo, random data and scales", fontsize=10
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
@@ -160,15 +179,31 @@ def summarize(results, config: Config) -> list[Claim]:
     above = float(np.max(slacks / upper))
     count = slacks.size
     claims = [
-        Claim(NAME, f"Lemma 4: slack >= 0 ({count} evaluations, {len(results['labels'])} models)",
-              "min slack / (L (max|m| + ln n))", relative_min, f">= -{config.tol:g}",
-              relative_min >= -config.tol),
-        Claim(NAME, "slack = L H(p) exactly (autodiff and sampled Clarke v)",
-              "max |slack - L H(p)| / (L (max|m| + ln n))", deviation, f"<= {config.tol:g}",
-              deviation <= config.tol),
-        Claim(NAME, "slack <= L ln n (entropy bound)", "max slack / (L ln n)", above,
-              f"<= 1 + {config.tol:g}", above <= 1 + config.tol),
-    ]  # fmt: skip
+        Claim(
+            NAME,
+            f"Lemma 4: slack >= 0 ({count} evaluations, {len(results['labels'])} models)",
+            "min slack / (L (max|m| + ln n))",
+            relative_min,
+            f">= -{config.tol:g}",
+            relative_min >= -config.tol,
+        ),
+        Claim(
+            NAME,
+            "slack = L H(p) exactly (autodiff and sampled Clarke v)",
+            "max |slack - L H(p)| / (L (max|m| + ln n))",
+            deviation,
+            f"<= {config.tol:g}",
+            deviation <= config.tol,
+        ),
+        Claim(
+            NAME,
+            "slack <= L ln n (entropy bound)",
+            "max slack / (L ln n)",
+            above,
+            f"<= 1 + {config.tol:g}",
+            above <= 1 + config.tol,
+        ),
+    ]
     return [c._replace(value=float(c.value), holds=bool(c.holds)) for c in claims]
 
 

@@ -51,8 +51,23 @@ from .theorem5 import Config as Theorem5Config
 from .theorem5 import synthetic_data
 
 NAME = "lyu_li_rates"
-FIELDS = ("s", "tau", "log_t", "log_loss", "soft", "hard", "phase", "log_lhs", "sign_lhs",
-          "log_rhs", "sign_rhs", "log_scale", "log_loss_re", "soft_re", "hard_re")  # fmt: skip
+FIELDS = (
+    "s",
+    "tau",
+    "log_t",
+    "log_loss",
+    "soft",
+    "hard",
+    "phase",
+    "log_lhs",
+    "sign_lhs",
+    "log_rhs",
+    "sign_rhs",
+    "log_scale",
+    "log_loss_re",
+    "soft_re",
+    "hard_re",
+)
 _T5 = Theorem5Config()
 
 
@@ -76,8 +91,13 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         quick5 = Theorem5Config.quick()
-        return cls(depths=(1, 2), seeds=1, beta_max=(100.0, 300.0), max_steps=quick5.max_steps,
-                   num_saves=quick5.num_saves)  # fmt: skip
+        return cls(
+            depths=(1, 2),
+            seeds=1,
+            beta_max=(100.0, 300.0),
+            max_steps=quick5.max_steps,
+            num_saves=quick5.num_saves,
+        )
 
 
 def predictor_for(L: int, config: Config):
@@ -98,8 +118,14 @@ def _identity_terms(predictor, params, X, y):
     pq, pabs = p @ q, p @ jnp.abs(q)
     log_rhs = jnp.log(L) + log_beta + jnp.log(jnp.abs(pq))
     log_scale = jnp.log(L) + log_beta + jnp.log(pabs)
-    return (log_rhs, jnp.sign(pq), log_scale, jm.log_loss(predictor, params, X, y),
-            jm.soft_margin(predictor, params, X, y), jm.hard_margin(predictor, params, X, y))
+    return (
+        log_rhs,
+        jnp.sign(pq),
+        log_scale,
+        jm.log_loss(predictor, params, X, y),
+        jm.soft_margin(predictor, params, X, y),
+        jm.hard_margin(predictor, params, X, y),
+    )
 
 
 def _nanmax(values, empty=np.inf) -> float:
@@ -120,8 +146,9 @@ def run(config: Config) -> dict[str, np.ndarray]:
     X, y = synthetic_data(config.n, config.dim, config.gap)
     sliding = jm.SlidingOptions(candidates=config.candidates)
     results = {}
-    for L, beta_max in progress(zip(config.depths, config.beta_max), NAME,
-                                total=len(config.depths)):
+    for L, beta_max in progress(
+        zip(config.depths, config.beta_max), NAME, total=len(config.depths)
+    ):
         predictor = predictor_for(L, config)
         collected = {key: [] for key in FIELDS}
         codes, steps, log_t0, used = [], [], [], []
@@ -132,18 +159,46 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 break
             params0 = predictor.init(jax.random.key(2000 * L + seed), config.dim)
             start = time.perf_counter()
-            sol = jm.gradient_flow(predictor, params0, X, y, beta_max=beta_max,
-                                   num_saves=config.num_saves, rtol=config.rtol,
-                                   atol=config.rtol * 1e-2, max_steps=config.max_steps,
-                                   sliding=sliding)  # fmt: skip
-            terms = [np.asarray(a) for a in zip(*[
-                _identity_terms(predictor, jax.tree.map(lambda leaf: leaf[k], sol.params), X, y)
-                for k in range(sol.s.shape[0])])]  # fmt: skip
-            row = dict(s=sol.s, tau=sol.tau, log_t=sol.log_t, log_loss=sol.log_loss,
-                       soft=sol.soft_margin, hard=sol.hard_margin, phase=sol.phase,
-                       log_lhs=sol.log_half_drho2_dtau, sign_lhs=sol.sign_half_drho2_dtau,
-                       log_rhs=terms[0], sign_rhs=terms[1], log_scale=terms[2],
-                       log_loss_re=terms[3], soft_re=terms[4], hard_re=terms[5])  # fmt: skip
+            sol = jm.gradient_flow(
+                predictor,
+                params0,
+                X,
+                y,
+                beta_max=beta_max,
+                num_saves=config.num_saves,
+                rtol=config.rtol,
+                atol=config.rtol * 1e-2,
+                max_steps=config.max_steps,
+                sliding=sliding,
+            )
+            terms = [
+                np.asarray(a)
+                for a in zip(
+                    *[
+                        _identity_terms(
+                            predictor, jax.tree.map(lambda leaf: leaf[k], sol.params), X, y
+                        )
+                        for k in range(sol.s.shape[0])
+                    ]
+                )
+            ]
+            row = dict(
+                s=sol.s,
+                tau=sol.tau,
+                log_t=sol.log_t,
+                log_loss=sol.log_loss,
+                soft=sol.soft_margin,
+                hard=sol.hard_margin,
+                phase=sol.phase,
+                log_lhs=sol.log_half_drho2_dtau,
+                sign_lhs=sol.sign_half_drho2_dtau,
+                log_rhs=terms[0],
+                sign_rhs=terms[1],
+                log_scale=terms[2],
+                log_loss_re=terms[3],
+                soft_re=terms[4],
+                hard_re=terms[5],
+            )
             if bool(sol.status.separated):
                 for key in FIELDS:
                     collected[key].append(np.asarray(row[key], dtype=np.float64))
@@ -151,11 +206,13 @@ def run(config: Config) -> dict[str, np.ndarray]:
             codes.append(int(sol.status.code))
             steps.append(np.asarray(sol.status.steps) + np.asarray(sol.status.rejected_steps))
             log_t0.append(float(sol.status.log_t0))
-            print(f"{NAME}: L={L} seed {seed}: {sol.status.message} (code {codes[-1]}), steps"
-                  f" {np.asarray(sol.status.steps)} (+{np.asarray(sol.status.rejected_steps)}"
-                  f" rejected), ln t -> {float(sol.log_t[-1]):.4g}, gamma~ ->"
-                  f" {float(sol.soft_margin[-1]):.5g} ({time.perf_counter() - start:.1f} s)",
-                  flush=True)  # fmt: skip
+            print(
+                f"{NAME}: L={L} seed {seed}: {sol.status.message} (code {codes[-1]}), steps"
+                f" {np.asarray(sol.status.steps)} (+{np.asarray(sol.status.rejected_steps)}"
+                f" rejected), ln t -> {float(sol.log_t[-1]):.4g}, gamma~ ->"
+                f" {float(sol.soft_margin[-1]):.5g} ({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
         length = max([row.size for row in collected["s"]], default=1)
         for key in FIELDS:
             results[f"L{L}_{key}"] = _pad(collected[key], length)
@@ -220,8 +277,9 @@ def identity_residuals(results, L):
     tau_clock = np.abs(lhs - rhs)
     # t clock: multiply by L(w), saved ln L on the left, jm.log_loss on the right.
     shift = results[f"L{L}_log_loss_re"]
-    lhs_t = results[f"L{L}_sign_lhs"] * np.exp(results[f"L{L}_log_lhs"] + results[f"L{L}_log_loss"]
-                                               - log_scale - shift)  # fmt: skip
+    lhs_t = results[f"L{L}_sign_lhs"] * np.exp(
+        results[f"L{L}_log_lhs"] + results[f"L{L}_log_loss"] - log_scale - shift
+    )
     rhs_t = results[f"L{L}_sign_rhs"] * np.exp(results[f"L{L}_log_rhs"] - log_scale)
     return tau_clock, np.abs(lhs_t - rhs_t)
 
@@ -264,31 +322,56 @@ def plot(results, config: Config) -> None:
             for ax, limit in ((axes[0, 0], limit_loss[i]), (axes[0, 1], limit_norm[i])):
                 ax.plot([xmax / 3, xmax * 3], [np.exp(limit)] * 2, "--", color=color, lw=0.8)
             phase2 = results[f"L{L}_phase"][i] == 2
-            axes[1, 0].plot(results[f"L{L}_s"][i][phase2],
-                            np.maximum(tau_res[i][phase2], 1e-18), color=color,
-                            label=label)  # fmt: skip
-            axes[1, 0].plot(results[f"L{L}_s"][i][~phase2],
-                            np.maximum(tau_res[i][~phase2], 1e-18), ":", color=color)
+            axes[1, 0].plot(
+                results[f"L{L}_s"][i][phase2],
+                np.maximum(tau_res[i][phase2], 1e-18),
+                color=color,
+                label=label,
+            )
+            axes[1, 0].plot(
+                results[f"L{L}_s"][i][~phase2],
+                np.maximum(tau_res[i][~phase2], 1e-18),
+                ":",
+                color=color,
+            )
             axes[1, 1].plot(results[f"L{L}_s"][i], position[i], color=color, label=label)
     ax = axes[0, 0]
-    ax.set(xscale="log", yscale="log", xlabel="ln t",
-           ylabel="L(w) · t · (ln t)^(2-2/L)",
-           title="loss rate (dashed: 1/(L²γ̃^(2/L)), final γ̃)")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="ln t",
+        ylabel="L(w) · t · (ln t)^(2-2/L)",
+        title="loss rate (dashed: 1/(L²γ̃^(2/L)), final γ̃)",
+    )
     ax.legend(fontsize=7)
     ax = axes[0, 1]
-    ax.set(xscale="log", yscale="log", xlabel="ln t", ylabel="||w|| / (ln t)^(1/L)",
-           title="norm rate (dashed: γ̃^(-1/L), final γ̃)")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="ln t",
+        ylabel="||w|| / (ln t)^(1/L)",
+        title="norm rate (dashed: γ̃^(-1/L), final γ̃)",
+    )
     ax = axes[1, 0]
-    ax.set(yscale="log", xlabel="s = ln ||w||",
-           ylabel="|saved - recomputed| / (L Σ p|m|)",
-           title="½ d||w||²/dτ = L Σ p_n m_n: residual\n(dotted: phase 1, solid: after t0)")
+    ax.set(
+        yscale="log",
+        xlabel="s = ln ||w||",
+        ylabel="|saved - recomputed| / (L Σ p|m|)",
+        title="½ d||w||²/dτ = L Σ p_n m_n: residual\n(dotted: phase 1, solid: after t0)",
+    )
     ax = axes[1, 1]
     ax.axhline(0.0, color="k", lw=0.6)
     ax.axhline(1.0, color="k", lw=0.6)
-    ax.set(xlabel="s = ln ||w||", ylabel="(γ̃ - γ + ln n/ρ^L) / (ln n/ρ^L)",
-           title="sandwich γ - ln n/ρ^L ≤ γ̃ ≤ γ: position in [0, 1]")  # fmt: skip
-    fig.suptitle(f"Lyu & Li (2020) along the flow: synthetic n={config.n}, dim {config.dim},"
-                 f" width {config.width}, {config.seeds} seeds per depth", y=1.01)
+    ax.set(
+        xlabel="s = ln ||w||",
+        ylabel="(γ̃ - γ + ln n/ρ^L) / (ln n/ρ^L)",
+        title="sandwich γ - ln n/ρ^L ≤ γ̃ ≤ γ: position in [0, 1]",
+    )
+    fig.suptitle(
+        f"Lyu & Li (2020) along the flow: synthetic n={config.n}, dim {config.dim},"
+        f" width {config.width}, {config.seeds} seeds per depth",
+        y=1.01,
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
@@ -303,36 +386,64 @@ def summarize(results, config: Config) -> list[Claim]:
         codes = results[f"L{L}_code"]
         reached = int(np.sum(codes == 0))
         lnln, loss_rate, norm_rate = rate_quantities(results, L)
-        for label, values in (("L·t·(ln t)^(2-2/L)", loss_rate),
-                              ("||w||/(ln t)^(1/L)", norm_rate)):  # fmt: skip
+        for label, values in (("L·t·(ln t)^(2-2/L)", loss_rate), ("||w||/(ln t)^(1/L)", norm_rate)):
             for fraction, what in ((0.5, "last half"), (0.9, "last 90%")):
                 spread, growth = window_log_ratio(lnln, values, fraction)
                 ratio = float(np.exp(_nanmax(spread)))
-                claims.append(Claim(
-                    NAME, f"{name}: {label} bounded over the {what} of the ln t range (ln t"
-                    f" grows x{_nanmax(growth, np.nan):.3g} there; {reached}/{codes.size} runs"
-                    " reached beta_max)", "max over seeds of max/min", ratio,
-                    f"<= {config.ratio_tol:g}", bool(ratio <= config.ratio_tol)))  # fmt: skip
+                claims.append(
+                    Claim(
+                        NAME,
+                        f"{name}: {label} bounded over the {what} of the ln t range (ln t"
+                        f" grows x{_nanmax(growth, np.nan):.3g} there; {reached}/{codes.size} runs"
+                        " reached beta_max)",
+                        "max over seeds of max/min",
+                        ratio,
+                        f"<= {config.ratio_tol:g}",
+                        bool(ratio <= config.ratio_tol),
+                    )
+                )
         limit_loss, _ = predicted_limits(results, L)
         gaps = np.abs(last_finite(loss_rate) - limit_loss)
         ratio = _nanmax(gaps)
-        claims.append(Claim(
-            NAME, f"{name}: L·t·(ln t)^(2-2/L) at the end vs 1/(L²γ̃^(2/L))",
-            "max over seeds of |ln(value/limit)|", ratio, "reported (log convergence)", True))
+        claims.append(
+            Claim(
+                NAME,
+                f"{name}: L·t·(ln t)^(2-2/L) at the end vs 1/(L²γ̃^(2/L))",
+                "max over seeds of |ln(value/limit)|",
+                ratio,
+                "reported (log convergence)",
+                True,
+            )
+        )
         tau_res, t_res = identity_residuals(results, L)
         phase = results[f"L{L}_phase"]
-        for label, residual in (("τ clock, before t0", np.where(phase == 1, tau_res, np.nan)),
-                                ("τ clock, after t0", np.where(phase == 2, tau_res, np.nan)),
-                                ("t clock, all points", t_res)):  # fmt: skip
+        for label, residual in (
+            ("τ clock, before t0", np.where(phase == 1, tau_res, np.nan)),
+            ("τ clock, after t0", np.where(phase == 2, tau_res, np.nan)),
+            ("t clock, all points", t_res),
+        ):
             worst = _nanmax(residual)
-            claims.append(Claim(
-                NAME, f"{name}: ½ d||w||²/d{label[0]} = L Σ_n p_n m_n ({label}), saved vs"
-                " recomputed", "max relative residual over saved points", worst,
-                f"<= {config.residual_tol:g}", bool(worst <= config.residual_tol)))  # fmt: skip
+            claims.append(
+                Claim(
+                    NAME,
+                    f"{name}: ½ d||w||²/d{label[0]} = L Σ_n p_n m_n ({label}), saved vs recomputed",
+                    "max relative residual over saved points",
+                    worst,
+                    f"<= {config.residual_tol:g}",
+                    bool(worst <= config.residual_tol),
+                )
+            )
         violations, _ = sandwich(results, L, config.n)
-        claims.append(Claim(NAME, f"{name}: sandwich γ - ln n/ρ^L ≤ γ̃ ≤ γ (saved and"
-                                  " recomputed)", "violations", float(violations), "= 0",
-                            violations == 0))  # fmt: skip
+        claims.append(
+            Claim(
+                NAME,
+                f"{name}: sandwich γ - ln n/ρ^L ≤ γ̃ ≤ γ (saved and recomputed)",
+                "violations",
+                float(violations),
+                "= 0",
+                violations == 0,
+            )
+        )
     return claims
 
 

@@ -83,8 +83,15 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(depths=(1, 2), seeds=2, beta_gain=(100.0, 10.0), rtol=(1e-6, 1e-6),
-                   max_steps=600, num_saves=48, cnn_seeds=0)  # fmt: skip
+        return cls(
+            depths=(1, 2),
+            seeds=2,
+            beta_gain=(100.0, 10.0),
+            rtol=(1e-6, 1e-6),
+            max_steps=600,
+            num_saves=48,
+            cnn_seeds=0,
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -138,17 +145,29 @@ def flow_through_t0(predictor, params0, X, y, *, gain, rtol, max_steps, num_save
     Returns (rows, info): rows = dict of 1-D arrays (s, tau, log_t, soft, hard, phase) over
     both calls; info = dict of scalars (code, separated, s0, tau0, steps, rejected).
     """
-    options = dict(num_saves=num_saves, rtol=rtol, atol=rtol * 1e-2, max_steps=max_steps,
-                   sliding=sliding)  # fmt: skip
+    options = dict(
+        num_saves=num_saves, rtol=rtol, atol=rtol * 1e-2, max_steps=max_steps, sliding=sliding
+    )
     probe = jm.gradient_flow(predictor, params0, X, y, s_max=-1e3, **options)
     status = probe.status
     steps = np.asarray(status.steps).sum()
     rejected = np.asarray(status.rejected_steps).sum()
-    rows = dict(s=np.asarray(probe.s), tau=np.asarray(probe.tau), log_t=np.asarray(probe.log_t),
-                soft=np.asarray(probe.soft_margin), hard=np.asarray(probe.hard_margin),
-                phase=np.asarray(probe.phase, dtype=np.float64))  # fmt: skip
-    info = dict(code=int(status.code), separated=bool(status.separated), s0=float(status.s0),
-                tau0=float(status.tau0), steps=int(steps), rejected=int(rejected))  # fmt: skip
+    rows = dict(
+        s=np.asarray(probe.s),
+        tau=np.asarray(probe.tau),
+        log_t=np.asarray(probe.log_t),
+        soft=np.asarray(probe.soft_margin),
+        hard=np.asarray(probe.hard_margin),
+        phase=np.asarray(probe.phase, dtype=np.float64),
+    )
+    info = dict(
+        code=int(status.code),
+        separated=bool(status.separated),
+        s0=float(status.s0),
+        tau0=float(status.tau0),
+        steps=int(steps),
+        rejected=int(rejected),
+    )
     if not info["separated"]:
         return rows, info
     # The t0 record (last row of phase 1), scaled by 1 + 1e-9 so that the continuation starts
@@ -164,14 +183,21 @@ def flow_through_t0(predictor, params0, X, y, *, gain, rtol, max_steps, num_save
     elapsed = np.full(gap.shape, -np.inf)
     positive = gap < 0
     elapsed[positive] = log_t_more[positive] + np.log(-np.expm1(gap[positive]))
-    tail = dict(s=np.asarray(more.s), tau=info["tau0"] + np.asarray(more.tau),
-                log_t=np.logaddexp(float(status.log_t0), elapsed),
-                soft=np.asarray(more.soft_margin), hard=np.asarray(more.hard_margin),
-                phase=np.asarray(more.phase, dtype=np.float64))  # fmt: skip
+    tail = dict(
+        s=np.asarray(more.s),
+        tau=info["tau0"] + np.asarray(more.tau),
+        log_t=np.logaddexp(float(status.log_t0), elapsed),
+        soft=np.asarray(more.soft_margin),
+        hard=np.asarray(more.hard_margin),
+        phase=np.asarray(more.phase, dtype=np.float64),
+    )
     rows = {key: np.concatenate([rows[key], tail[key][keep]]) for key in rows}
-    info.update(code=int(more.status.code), separated=bool(more.status.separated),
-                steps=info["steps"] + int(np.asarray(more.status.steps).sum()),
-                rejected=info["rejected"] + int(np.asarray(more.status.rejected_steps).sum()))
+    info.update(
+        code=int(more.status.code),
+        separated=bool(more.status.separated),
+        steps=info["steps"] + int(np.asarray(more.status.steps).sum()),
+        rejected=info["rejected"] + int(np.asarray(more.status.rejected_steps).sum()),
+    )
     return rows, info
 
 
@@ -186,12 +212,23 @@ def run_group(label, predictor, X, y, params_list, *, gain, rtol, max_steps, num
     """Runs of one predictor on one data set over a list of initial params: padded arrays."""
     fields = ("s", "tau", "log_t", "soft", "hard", "phase")
     collected = {key: [] for key in fields}
-    scalars = {key: [] for key in ("code", "separated", "s0", "tau0", "steps", "rejected",
-                                   "decrease", "seconds")}  # fmt: skip
+    scalars = {
+        key: []
+        for key in ("code", "separated", "s0", "tau0", "steps", "rejected", "decrease", "seconds")
+    }
     for seed, params0 in enumerate(params_list):
         start = time.perf_counter()
-        rows, info = flow_through_t0(predictor, params0, X, y, gain=gain, rtol=rtol,
-                                     max_steps=max_steps, num_saves=num_saves, sliding=sliding)
+        rows, info = flow_through_t0(
+            predictor,
+            params0,
+            X,
+            y,
+            gain=gain,
+            rtol=rtol,
+            max_steps=max_steps,
+            num_saves=num_saves,
+            sliding=sliding,
+        )
         seconds = time.perf_counter() - start
         after = rows["soft"][rows["phase"] == 2]
         info["decrease"] = largest_relative_decrease(after)
@@ -200,41 +237,73 @@ def run_group(label, predictor, X, y, params_list, *, gain, rtol, max_steps, num
             collected[key].append(rows[key])
         for key in scalars:
             scalars[key].append(info[key])
-        print(f"  {label} seed {seed}: code {info['code']}, steps {info['steps']}"
-              f" (+{info['rejected']} rejected), s0 {info['s0']:.3f} -> s {rows['s'][-1]:.3f},"
-              f" gamma~ {rows['soft'][-1]:.5g}, largest rel. decrease {info['decrease']:.3g}"
-              f" ({seconds:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"  {label} seed {seed}: code {info['code']}, steps {info['steps']}"
+            f" (+{info['rejected']} rejected), s0 {info['s0']:.3f} -> s {rows['s'][-1]:.3f},"
+            f" gamma~ {rows['soft'][-1]:.5g}, largest rel. decrease {info['decrease']:.3g}"
+            f" ({seconds:.1f} s)",
+            flush=True,
+        )
     length = max(row.size for row in collected["s"])
     out = {f"{label}_{key}": _pad(collected[key], length) for key in fields}
-    out.update({f"{label}_{key}": np.asarray(value, dtype=np.float64)
-                for key, value in scalars.items()})  # fmt: skip
+    out.update(
+        {f"{label}_{key}": np.asarray(value, dtype=np.float64) for key, value in scalars.items()}
+    )
     return out
 
 
 def run(config: Config) -> dict[str, np.ndarray]:
     results = {}
     sliding = jm.SlidingOptions(candidates=config.candidates)
-    for L, gain, rtol in progress(zip(config.depths, config.beta_gain, config.rtol),
-                                  NAME, total=len(config.depths)):
+    for L, gain, rtol in progress(
+        zip(config.depths, config.beta_gain, config.rtol), NAME, total=len(config.depths)
+    ):
         predictor = jm.relu_mlp(L, config.width, init_scale=config.init_scale)
-        params_list = [predictor.init(jax.random.key(1000 * L + seed), config.dim)
-                       for seed in range(config.seeds)]  # fmt: skip
+        params_list = [
+            predictor.init(jax.random.key(1000 * L + seed), config.dim)
+            for seed in range(config.seeds)
+        ]
         for name in DATASETS:
             X, y = dataset(name, config)
-            print(f"{NAME}: {name}, ReLU MLP L={L}, width {config.width}, {config.seeds} seeds",
-                  flush=True)  # fmt: skip
-            results.update(run_group(f"{name}_L{L}", predictor, X, y, params_list, gain=gain,
-                                     rtol=rtol, max_steps=config.max_steps,
-                                     num_saves=config.num_saves, sliding=sliding))  # fmt: skip
+            print(
+                f"{NAME}: {name}, ReLU MLP L={L}, width {config.width}, {config.seeds} seeds",
+                flush=True,
+            )
+            results.update(
+                run_group(
+                    f"{name}_L{L}",
+                    predictor,
+                    X,
+                    y,
+                    params_list,
+                    gain=gain,
+                    rtol=rtol,
+                    max_steps=config.max_steps,
+                    num_saves=config.num_saves,
+                    sliding=sliding,
+                )
+            )
     if config.cnn_seeds > 0:
         X, y = jm.digits_pair(0, 1, images=True, max_per_class=config.cnn_per_class)
         predictor = jm.relu_cnn(config.cnn_channels, init_scale=config.cnn_init_scale)
-        params_list = [predictor.init(jax.random.key(7000 + seed), (8, 8))
-                       for seed in range(config.cnn_seeds)]  # fmt: skip
+        params_list = [
+            predictor.init(jax.random.key(7000 + seed), (8, 8)) for seed in range(config.cnn_seeds)
+        ]
         print(f"{NAME}: digits 8x8, {predictor.name}, {config.cnn_seeds} seeds", flush=True)
-        results.update(run_group("cnn", predictor, X, y, params_list, gain=config.cnn_beta_gain,
-                                 rtol=config.cnn_rtol, max_steps=config.max_steps,
-                                 num_saves=config.num_saves, sliding=None))  # fmt: skip
+        results.update(
+            run_group(
+                "cnn",
+                predictor,
+                X,
+                y,
+                params_list,
+                gain=config.cnn_beta_gain,
+                rtol=config.cnn_rtol,
+                max_steps=config.max_steps,
+                num_saves=config.num_saves,
+                sliding=None,
+            )
+        )
     return results
 
 
@@ -243,8 +312,10 @@ def run(config: Config) -> dict[str, np.ndarray]:
 
 def _title(name: str, config: Config) -> str:
     if name == "synthetic":
-        return (f"synthetic: n={config.n}, x~N(0,I_{config.dim}), y=sign(Σx),\n"
-                f"|Σx|/√{config.dim} ≥ {config.synthetic_gap:g}")
+        return (
+            f"synthetic: n={config.n}, x~N(0,I_{config.dim}), y=sign(Σx),\n"
+            f"|Σx|/√{config.dim} ≥ {config.synthetic_gap:g}"
+        )
     return f"digits 0 vs 1: {config.n // 2}/class, PCA → {config.dim} dims"
 
 
@@ -275,13 +346,17 @@ def plot(results, config: Config) -> None:
             worst = np.max(results[f"{label}_decrease"])
             kind = "linear" if L == 1 else f"ReLU MLP L={L}"
             rtol = config.rtol[config.depths.index(L)]
-            ax.set_title(f"{kind} (rtol {rtol:g})\nlargest rel. decrease after t0: {worst:.1e}",
-                         fontsize=8)  # fmt: skip
+            ax.set_title(
+                f"{kind} (rtol {rtol:g})\nlargest rel. decrease after t0: {worst:.1e}", fontsize=8
+            )
             ax.set_xlabel("s = ln ||w||")
             if col == 0:
                 ax.set_ylabel(f"{_title(name, config)}\nsoft margin γ̃", fontsize=8)
-    fig.suptitle(f"Theorem 5: γ̃ along the flow, {config.seeds} seeds per panel (width"
-                 f" {config.width}); dotted: before t0, solid: after, •: t0", y=1.0)
+    fig.suptitle(
+        f"Theorem 5: γ̃ along the flow, {config.seeds} seeds per panel (width"
+        f" {config.width}); dotted: before t0, solid: after, •: t0",
+        y=1.0,
+    )
     fig.tight_layout()
     save_figure(fig, NAME)
 
@@ -300,17 +375,23 @@ def plot(results, config: Config) -> None:
     ax.axhline(LINEAR_TOL, color="C2", ls="--", lw=0.8, label=f"linear criterion {LINEAR_TOL:g}")
     ax.axhline(0.0, color="k", lw=0.6)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([lab.replace("synthetic_", "syn ").replace("digits_", "dig ")
-                        for lab in labels], rotation=60, fontsize=7)  # fmt: skip
+    ax.set_xticklabels(
+        [lab.replace("synthetic_", "syn ").replace("digits_", "dig ") for lab in labels],
+        rotation=60,
+        fontsize=7,
+    )
     ax.set_ylabel("largest relative decrease of γ̃ after t0\n(< 0: γ̃ only increased)")
     ax.set_title("per run, between consecutive saved points (symlog)")
     ax.legend(fontsize=7, loc="lower left")
     ax = axes[0, 1]
     if config.cnn_seeds > 0:
         _draw_runs(ax, results, "cnn", lambda i: depth_color(i, config.cnn_seeds))
-        ax.set_title(f"ReLU CNN channels {config.cnn_channels} (L={len(config.cnn_channels)+1}),"
-                     f" digits 0 vs 1 8x8,\n{config.cnn_per_class}/class, autodiff element,"
-                     f" rtol {config.cnn_rtol:g}", fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"ReLU CNN channels {config.cnn_channels} (L={len(config.cnn_channels) + 1}),"
+            f" digits 0 vs 1 8x8,\n{config.cnn_per_class}/class, autodiff element,"
+            f" rtol {config.cnn_rtol:g}",
+            fontsize=8,
+        )
         ax.set_xlabel("s = ln ||w||")
         ax.set_ylabel("soft margin γ̃")
     fig.tight_layout()
@@ -333,27 +414,54 @@ def summarize(results, config: Config) -> list[Claim]:
             kind = "linear" if L == 1 else f"ReLU MLP L={L}"
             kind += f" (rtol {config.rtol[config.depths.index(L)]:g})"
             reached = int(np.sum(codes == 0))
-            claims.append(Claim(
-                NAME, f"{name}, {kind}: γ̃ non-decreasing after t0 ({reached}/{codes.size} runs"
-                f" reached the target)",
-                "max over seeds of the largest relative decrease", worst, f"<= {tol:g}",
-                bool(worst <= tol)))  # fmt: skip
+            claims.append(
+                Claim(
+                    NAME,
+                    f"{name}, {kind}: γ̃ non-decreasing after t0 ({reached}/{codes.size} runs"
+                    f" reached the target)",
+                    "max over seeds of the largest relative decrease",
+                    worst,
+                    f"<= {tol:g}",
+                    bool(worst <= tol),
+                )
+            )
             fraction = float(np.mean(separated))
-            claims.append(Claim(
-                NAME, f"{name}, {kind}: runs that reached t0 within max_steps (Theorem 5 is"
-                " tested on those)", "fraction of seeds", fraction, "> 0 (1 ideally)",
-                bool(fraction > 0)))  # fmt: skip
+            claims.append(
+                Claim(
+                    NAME,
+                    f"{name}, {kind}: runs that reached t0 within max_steps (Theorem 5 is"
+                    " tested on those)",
+                    "fraction of seeds",
+                    fraction,
+                    "> 0 (1 ideally)",
+                    bool(fraction > 0),
+                )
+            )
     if config.cnn_seeds > 0:
         decrease, separated = results["cnn_decrease"], results["cnn_separated"]
         worst = float(np.max(decrease[separated > 0])) if np.any(separated > 0) else np.inf
-        claims.append(Claim(
-            NAME, f"digits 8x8, ReLU CNN {config.cnn_channels} (autodiff element, rtol"
-            f" {config.cnn_rtol:g}): γ̃ non-decreasing after t0",
-            "max over seeds of the largest relative decrease", worst, f"<= {RELU_TOL:g}",
-            bool(worst <= RELU_TOL)))  # fmt: skip
+        claims.append(
+            Claim(
+                NAME,
+                f"digits 8x8, ReLU CNN {config.cnn_channels} (autodiff element, rtol"
+                f" {config.cnn_rtol:g}): γ̃ non-decreasing after t0",
+                "max over seeds of the largest relative decrease",
+                worst,
+                f"<= {RELU_TOL:g}",
+                bool(worst <= RELU_TOL),
+            )
+        )
         fraction = float(np.mean(separated))
-        claims.append(Claim(NAME, "digits 8x8, ReLU CNN: runs that reached t0",
-                            "fraction of seeds", fraction, "> 0 (1 ideally)", bool(fraction > 0)))
+        claims.append(
+            Claim(
+                NAME,
+                "digits 8x8, ReLU CNN: runs that reached t0",
+                "fraction of seeds",
+                fraction,
+                "> 0 (1 ideally)",
+                bool(fraction > 0),
+            )
+        )
     return claims
 
 

@@ -26,9 +26,9 @@ from ._data import digits_pair as digits_pair  # noqa: E402
 from ._data import reference_problem as reference_problem  # noqa: E402
 from ._flow import FlowSolution as FlowSolution  # noqa: E402
 from ._flow import FlowStatus as FlowStatus  # noqa: E402
+from ._flow import LimitFlowSolution as LimitFlowSolution  # noqa: E402
 from ._flow import gradient_flow as gradient_flow  # noqa: E402
 from ._flow import gradient_flow_batch as gradient_flow_batch  # noqa: E402
-from ._flow import LimitFlowSolution as LimitFlowSolution  # noqa: E402
 from ._flow import limit_flow as limit_flow  # noqa: E402
 from ._flow._sliding import SlidingOptions as SlidingOptions  # noqa: E402
 from ._homogeneity import assert_homogeneous as assert_homogeneous  # noqa: E402
@@ -43,12 +43,6 @@ from ._margins import margins as margins  # noqa: E402
 from ._margins import normalized_margins as normalized_margins  # noqa: E402
 from ._margins import soft_margin as soft_margin  # noqa: E402
 from ._predictors import Predictor as Predictor  # noqa: E402
-from ._references_linear import MaxMarginSolution as MaxMarginSolution  # noqa: E402
-from ._references_linear import l1_max_margin as l1_max_margin  # noqa: E402
-from ._references_linear import l1_max_margin_is_unique as l1_max_margin_is_unique  # noqa: E402
-from ._references_linear import soudry_dataset as soudry_dataset  # noqa: E402
-from ._references_linear import svm_direction as svm_direction  # noqa: E402
-from ._sweep import sweep_gradient_flow as sweep_gradient_flow  # noqa: E402
 from ._predictors import deep_linear as deep_linear  # noqa: E402
 from ._predictors import diagonal_linear as diagonal_linear  # noqa: E402
 from ._predictors import kinked_linear as kinked_linear  # noqa: E402
@@ -56,6 +50,12 @@ from ._predictors import leaky_relu_mlp as leaky_relu_mlp  # noqa: E402
 from ._predictors import linear as linear  # noqa: E402
 from ._predictors import relu_cnn as relu_cnn  # noqa: E402
 from ._predictors import relu_mlp as relu_mlp  # noqa: E402
+from ._references_linear import MaxMarginSolution as MaxMarginSolution  # noqa: E402
+from ._references_linear import l1_max_margin as l1_max_margin  # noqa: E402
+from ._references_linear import l1_max_margin_is_unique as l1_max_margin_is_unique  # noqa: E402
+from ._references_linear import soudry_dataset as soudry_dataset  # noqa: E402
+from ._references_linear import svm_direction as svm_direction  # noqa: E402
+from ._sweep import sweep_gradient_flow as sweep_gradient_flow  # noqa: E402
 
 try:
     __version__ = importlib.metadata.version("jaxmargin")

@@ -134,9 +134,16 @@ def _attempt(state: _State, loss_and_grad, optimizer, schedule: str) -> _State:
     live = ~state.failed & finite
     accepted = live & (lowered if schedule == "loss_based" else True)
     moved = _State(
-        params, opt_state, log_loss, grad, state.step_size,
-        jnp.logaddexp(state.log_time, log_eta), state.step + 1, state.attempts, state.failed,
-    )  # fmt: skip
+        params,
+        opt_state,
+        log_loss,
+        grad,
+        state.step_size,
+        jnp.logaddexp(state.log_time, log_eta),
+        state.step + 1,
+        state.attempts,
+        state.failed,
+    )
     new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), moved, state)
     step_size = state.step_size
     if schedule == "loss_based":
@@ -154,10 +161,17 @@ def _record(predictor: Predictor, X, y, state: _State) -> dict:
     q = _raw_margins(predictor, theta, X, y)
     log_rho = log_norm(state.params)
     return dict(
-        step=state.step, attempts=state.attempts, log_time=state.log_time, rho=jnp.exp(log_rho),
-        log_rho=log_rho, log_loss=state.log_loss, soft_margin=soft_margin_from_scaled(log_beta, q),
-        hard_margin=jnp.min(q), step_size=state.step_size, params=state.params,
-    )  # fmt: skip
+        step=state.step,
+        attempts=state.attempts,
+        log_time=state.log_time,
+        rho=jnp.exp(log_rho),
+        log_rho=log_rho,
+        log_loss=state.log_loss,
+        soft_margin=soft_margin_from_scaled(log_beta, q),
+        hard_margin=jnp.min(q),
+        step_size=state.step_size,
+        params=state.params,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("predictor", "schedule", "steps", "num_logs"))
@@ -170,9 +184,16 @@ def _run(predictor, params0, X, y, step_size0, *, schedule, steps, num_logs):
     log_loss0, grad0 = loss_and_grad(params0)
     zero = jnp.zeros((), jnp.int64)
     state0 = _State(
-        params0, optimizer.init(params0), log_loss0, grad0, jnp.asarray(step_size0, jnp.float64),
-        jnp.asarray(-jnp.inf), zero, zero, jnp.asarray(False),
-    )  # fmt: skip
+        params0,
+        optimizer.init(params0),
+        log_loss0,
+        grad0,
+        jnp.asarray(step_size0, jnp.float64),
+        jnp.asarray(-jnp.inf),
+        zero,
+        zero,
+        jnp.asarray(False),
+    )
 
     def run_segment(state, length):  # the attempts between two log points, then a log record
         state = jax.lax.fori_loop(

@@ -77,8 +77,11 @@ def lyu_li_identity_residual(solution, predictor, X, y) -> float:
         p = softmax_of_scaled(log_beta, q)
         log_pm = log_beta + jnp.log(p @ q)
         log_loss = log_exp_loss_from_scaled(log_beta, q)
-        return 2.0 * log_beta / predictor.degree - log_t - jnp.log(predictor.degree) - (
-            log_loss + log_pm
+        return (
+            2.0 * log_beta / predictor.degree
+            - log_t
+            - jnp.log(predictor.degree)
+            - (log_loss + log_pm)
         )
 
     log_t = np.asarray(solution.log_t)[keep]

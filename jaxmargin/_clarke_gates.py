@@ -124,12 +124,14 @@ def _best_layer_gates(A_fixed, C, owner, b):
     gate_columns = kept[kept >= n]
     if gate_columns.size:
         coupling = np.zeros((gate_columns.size, kept.size))
-        coupling[np.arange(gate_columns.size), position[owner[gate_columns - n]]] = 1.0 / scale[
-            owner[gate_columns - n]]
+        coupling[np.arange(gate_columns.size), position[owner[gate_columns - n]]] = (
+            1.0 / scale[owner[gate_columns - n]]
+        )
         coupling[np.arange(gate_columns.size), position[gate_columns]] = -1.0 / scale[gate_columns]
         rows.append(coupling)
-    x_scaled = least_squares_with_inequalities(columns[:, kept] / scale[kept], b, np.vstack(rows),
-                                                strict=False)  # clipped below
+    x_scaled = least_squares_with_inequalities(
+        columns[:, kept] / scale[kept], b, np.vstack(rows), strict=False
+    )  # clipped below
     x = np.zeros(n + K)
     x[kept] = x_scaled / scale[kept]
     lam = np.maximum(x[:n], 0.0)
@@ -137,17 +139,20 @@ def _best_layer_gates(A_fixed, C, owner, b):
     return lam, mu, keep[n:]
 
 
-def fit_gates(predictor, params, X, y, target, kinked, sweeps: int = 100,
-              rel_improvement: float = 1e-3) -> GatedFit:
+def fit_gates(
+    predictor, params, X, y, target, kinked, sweeps: int = 100, rel_improvement: float = 1e-3
+) -> GatedFit:
     """Multipliers and gates of the units in `kinked` (per hidden layer, (n, width) masks) that
     make sum_i lambda_i s_i(g_i) closest to `target` (flat, like params): block coordinate
     descent over the hidden layers, at most `sweeps` passes, stopped when a pass improves the
     residual by less than rel_improvement (relative). Gates start at 1/2."""
     w = ravel_pytree(params)[0]
-    leaves = tuple((tuple(np.shape(leaf)), str(jnp.asarray(leaf).dtype))
-                   for leaf in jax.tree.leaves(params))  # fmt: skip
-    all_gradients, jacobians = _gate_programs(predictor, jax.tree.structure(params), leaves,
-                                              len(kinked))  # fmt: skip
+    leaves = tuple(
+        (tuple(np.shape(leaf)), str(jnp.asarray(leaf).dtype)) for leaf in jax.tree.leaves(params)
+    )
+    all_gradients, jacobians = _gate_programs(
+        predictor, jax.tree.structure(params), leaves, len(kinked)
+    )
     X, y, b = jnp.asarray(X), jnp.asarray(y), np.asarray(target)
     gates = [np.where(mask, 0.5, 0.0) for mask in kinked]
 
@@ -163,8 +168,9 @@ def fit_gates(predictor, params, X, y, target, kinked, sweeps: int = 100,
         for layer, mask in enumerate(kinked):
             if not mask.any():
                 continue
-            C_full = np.asarray(jacobians[layer](w, X, y, _gate_arrays(kinked, gates),
-                                                 jnp.asarray(gates[layer])))  # (n, d, width)
+            C_full = np.asarray(
+                jacobians[layer](w, X, y, _gate_arrays(kinked, gates), jnp.asarray(gates[layer]))
+            )  # (n, d, width)
             owner, unit = np.nonzero(mask)
             C = C_full[owner, :, unit].T  # (d, K)
             # s_i is affine in this layer's gates: s_i(g) = a_i + C_i g.

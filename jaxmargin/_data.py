@@ -9,8 +9,15 @@ import numpy as np
 from ._references_linear import soudry_dataset as soudry_dataset  # noqa: F401  (re-export)
 
 
-def reference_problem(depth: int, *, width: int = 32, n: int = 50, dim: int = 5, seed: int = 0,
-                      init_scale: float = 0.5):  # fmt: skip
+def reference_problem(
+    depth: int,
+    *,
+    width: int = 32,
+    n: int = 50,
+    dim: int = 5,
+    seed: int = 0,
+    init_scale: float = 0.5,
+):
     """The reference problem of NOTES §6: (predictor, params0, X, y).
 
     n points x ~ N(0, I_dim) and y = sign(sum_j x_j), from jax.random.key(seed) split into a data

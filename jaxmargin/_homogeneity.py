@@ -54,9 +54,9 @@ def estimate_degree(
     scales = scales[scales != 1.0]
     if scales.size == 0 or np.any(scales <= 0):
         raise ValueError("scales must be positive and not all equal to 1")
-    scaled = np.stack([
-        np.asarray(_outputs(predictor, jax.tree.map(lambda w: c * w, params), X)) for c in scales
-    ])[:, informative]  # fmt: skip
+    scaled = np.stack(
+        [np.asarray(_outputs(predictor, jax.tree.map(lambda w: c * w, params), X)) for c in scales]
+    )[:, informative]
     ratios = scaled / f0[informative]
     if np.any(~np.isfinite(ratios)) or np.any(ratios <= 0):
         raise ValueError(

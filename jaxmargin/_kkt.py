@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._clarke_gates import fit_gates, kinked_units
 from ._clarke import chain_rule_element, margin_jacobian, sampled_clarke_subgradients
+from ._clarke_gates import fit_gates, kinked_units
 from ._margins import polar
 from ._nnls import best_nnls
 from ._predictors import Params, Predictor
@@ -68,10 +68,15 @@ def _subgradient_columns(predictor, params, x, label, autodiff, key, num_samples
     hull lies in the Clarke set; the autodiff element may not, see NOTES §5)."""
     if num_samples == 0:
         return autodiff[None, :]
-    samples = np.asarray(sampled_clarke_subgradients(
-        lambda w: label * predictor.apply(w, x), params, key,
-        num_samples=num_samples, radius=_KINK_RADIUS,
-    ))  # fmt: skip
+    samples = np.asarray(
+        sampled_clarke_subgradients(
+            lambda w: label * predictor.apply(w, x),
+            params,
+            key,
+            num_samples=num_samples,
+            radius=_KINK_RADIUS,
+        )
+    )
     tol = _KINK_RTOL * max(np.linalg.norm(autodiff), np.max(np.linalg.norm(samples, axis=1)))
     if np.max(np.linalg.norm(samples - autodiff, axis=1)) <= tol:
         return autodiff[None, :]
@@ -150,10 +155,17 @@ def kkt_certificate(
     jacobian = np.asarray(margin_jacobian(predictor, params_tilde, X[index], y[index]))
     key = jax.random.key(0) if key is None else key
     blocks = [
-        _subgradient_columns(predictor, params_tilde, X[i], y[i], row,
-                             jax.random.fold_in(key, int(i)), clarke_samples)
+        _subgradient_columns(
+            predictor,
+            params_tilde,
+            X[i],
+            y[i],
+            row,
+            jax.random.fold_in(key, int(i)),
+            clarke_samples,
+        )
         for i, row in zip(index, jacobian)
-    ]  # fmt: skip
+    ]
     columns = np.concatenate(blocks)
     owner = np.repeat(index, [len(block) for block in blocks])
     # Unit-norm target and columns keep NNLS well scaled; λ is mapped back afterwards.
@@ -169,8 +181,9 @@ def kkt_certificate(
     if predictor.kinks is not None and gate_sweeps > 0:
         kinked = kinked_units(predictor, params_tilde, X[index], _KINK_RADIUS)
         if any(mask.any() for mask in kinked):
-            fit = fit_gates(predictor, params_tilde, X[index], y[index], w / w_norm, kinked,
-                            sweeps=gate_sweeps)  # fmt: skip
+            fit = fit_gates(
+                predictor, params_tilde, X[index], y[index], w / w_norm, kinked, sweeps=gate_sweeps
+            )
             if fit.residual < stationarity:
                 stationarity = fit.residual
                 multipliers = np.zeros(q.shape[0])

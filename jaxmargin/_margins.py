@@ -107,9 +107,9 @@ def _scaled_to_logistic_soft_margin(log_beta, q):
         jnp.where(log_summed_loss < -_LARGE_MARGIN, tiny_loss, middle),
     )
     q_min = jnp.min(q)
-    all_large = (q_min > 0) & (log_beta + jnp.log(jnp.where(q_min > 0, q_min, 1.0)) > jnp.log(
-        _LARGE_MARGIN
-    ))
+    all_large = (q_min > 0) & (
+        log_beta + jnp.log(jnp.where(q_min > 0, q_min, 1.0)) > jnp.log(_LARGE_MARGIN)
+    )
     return jnp.where(all_large, _scaled_to_exp_soft_margin(log_beta, q), general)
 
 

@@ -72,8 +72,9 @@ def verified_nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14,
-                                    strict: bool = True) -> np.ndarray:
+def least_squares_with_inequalities(
+    A, b, G, h=None, ridge: float = 1e-14, strict: bool = True
+) -> np.ndarray:
     """min ||A x - b|| subject to G x >= h (h = 0 by default), A of shape (m, n): Lawson & Hanson
     (1974, ch. 23). A QR factorisation of A (with ridge rows sqrt(ridge) I) turns it into least
     distance programming in y = R x - Q^T b (||A x - b||^2 = ||y||^2 + const), and that into
@@ -88,8 +89,9 @@ def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14,
     h = np.zeros(G.shape[0]) if h is None else np.asarray(h, float)
     # R alone (Q is never formed): the factor of [A; sqrt(ridge) I | b; 0] holds Q^T b in its last
     # column.
-    augmented = np.column_stack([np.vstack([A, np.sqrt(ridge) * np.eye(n)]),
-                                 np.concatenate([b, np.zeros(n)])])  # fmt: skip
+    augmented = np.column_stack(
+        [np.vstack([A, np.sqrt(ridge) * np.eye(n)]), np.concatenate([b, np.zeros(n)])]
+    )
     factor = np.linalg.qr(augmented, mode="r")
     R, Qb = factor[:n, :n], factor[:n, n]
     G_tilde = solve_triangular(R, G.T, trans="T").T  # G R^-1
@@ -104,6 +106,8 @@ def least_squares_with_inequalities(A, b, G, h=None, ridge: float = 1e-14,
     x = solve_triangular(R, Qb - r[:n] / r[-1])
     slack = 1e-8 * (np.abs(G) @ np.abs(x) + np.abs(h) + 1e-300)
     if strict and np.any(G @ x - h < -slack):
-        raise ValueError("least_squares_with_inequalities: the constraints are infeasible (or "
-                         "too ill-conditioned to meet)")  # fmt: skip
+        raise ValueError(
+            "least_squares_with_inequalities: the constraints are infeasible (or "
+            "too ill-conditioned to meet)"
+        )
     return x

@@ -176,9 +176,15 @@ def _deep_linear(depth: int, width: int, init_scale: float) -> Predictor:
 
     rebuild = functools.partial(deep_linear, depth, width, init_scale=init_scale)
     return Predictor(
-        init, apply, depth, f"deep_linear(depth={depth}, width={width})", (1,) * depth,
-        None, rebuild, end_to_end=_chain_product,
-    )  # fmt: skip
+        init,
+        apply,
+        depth,
+        f"deep_linear(depth={depth}, width={width})",
+        (1,) * depth,
+        None,
+        rebuild,
+        end_to_end=_chain_product,
+    )
 
 
 def deep_linear(depth: int, width: int, *, init_scale: float = 1.0) -> Predictor:
@@ -205,9 +211,15 @@ def _diagonal_linear(depth: int, init_scale: float) -> Predictor:
 
     rebuild = functools.partial(diagonal_linear, depth, init_scale=init_scale)
     return Predictor(
-        init, apply, depth, f"diagonal_linear(depth={depth})", (1,) * depth, None, rebuild,
+        init,
+        apply,
+        depth,
+        f"diagonal_linear(depth={depth})",
+        (1,) * depth,
+        None,
+        rebuild,
         end_to_end=end_to_end,
-    )  # fmt: skip
+    )
 
 
 def diagonal_linear(depth: int, *, init_scale: float = 1.0) -> Predictor:
@@ -262,8 +274,9 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
         for layer, (mask, alpha), offset in zip(params[:-1], gates, offsets):
             z = layer @ hidden
             preacts.append(z)
-            sign_rule = jnp.where(z > 0, 1.0, jnp.where(z < 0, slope, slope + relu_grad_at_zero
-                                                         * (1.0 - slope)))  # fmt: skip
+            sign_rule = jnp.where(
+                z > 0, 1.0, jnp.where(z < 0, slope, slope + relu_grad_at_zero * (1.0 - slope))
+            )
             derivative = jnp.where(mask, slope + alpha * (1.0 - slope), sign_rule)
             z_value = jax.lax.stop_gradient(z)
             value = activation(z_value)
@@ -275,9 +288,13 @@ def _leaky_mlp(depth, width, slope, relu_grad_at_zero, init_scale) -> Predictor:
 
     kind = "relu_mlp" if slope == 0.0 else f"leaky_relu_mlp[slope={slope}]"
     rebuild = functools.partial(
-        _mlp_factory, depth, width, slope, relu_grad_at_zero=relu_grad_at_zero,
+        _mlp_factory,
+        depth,
+        width,
+        slope,
+        relu_grad_at_zero=relu_grad_at_zero,
         init_scale=init_scale,
-    )  # fmt: skip
+    )
     name = f"{kind}(depth={depth}, width={width}, relu'(0)={relu_grad_at_zero})"
     kinks = Kinks(preactivations, gated_apply, slope) if depth >= 2 else None
     return Predictor(
@@ -330,7 +347,9 @@ def leaky_relu_mlp(
 
 def _max_pool(z, pool):
     # Max-pooling is 1-homogeneous: max(c a) = c max(a) for c > 0.
-    return jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (pool, pool, 1), (pool, pool, 1), "VALID")
+    return jax.lax.reduce_window(
+        z, -jnp.inf, jax.lax.max, (pool, pool, 1), (pool, pool, 1), "VALID"
+    )
 
 
 @functools.cache
@@ -368,9 +387,13 @@ def _relu_cnn(channels, kernel_size, pool, relu_grad_at_zero, init_scale) -> Pre
 
     depth = len(channels) + 1
     rebuild = functools.partial(
-        relu_cnn, channels, kernel_size, pool, relu_grad_at_zero=relu_grad_at_zero,
+        relu_cnn,
+        channels,
+        kernel_size,
+        pool,
+        relu_grad_at_zero=relu_grad_at_zero,
         init_scale=init_scale,
-    )  # fmt: skip
+    )
     name = f"relu_cnn(channels={channels}, kernel={kernel_size}, pool={pool})"
     return Predictor(init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild)
 

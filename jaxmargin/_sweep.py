@@ -30,8 +30,9 @@ def _sweep(static, mesh, batched_data, params0, X, y, tau_max, s_target, directi
     in_specs = (seeds, data_spec, data_spec, shared, shared, shared)
     args = (params0, X, y, tau_max, s_target, direction_tol)
     data_axis = 0 if batched_data else None
-    solve = jax.vmap(functools.partial(_solve, static),
-                     in_axes=(0, data_axis, data_axis, None, None, None))  # fmt: skip
+    solve = jax.vmap(
+        functools.partial(_solve, static), in_axes=(0, data_axis, data_axis, None, None, None)
+    )
 
     # The block of one device is traced here, outside shard_map, and only evaluated inside it:
     # equinox's closure conversion (lineax/optimistix, e.g. a Newton event root finder) rejects
@@ -53,8 +54,7 @@ def _sweep(static, mesh, batched_data, params0, X, y, tau_max, s_target, directi
 
     # check_vma=False: diffrax's loops do not carry shard_map's varying-axis types (diffrax
     # issues 735 and 738). No collective is used, so there is nothing for it to check.
-    sharded = jax.shard_map(block, mesh=mesh, in_specs=in_specs, out_specs=seeds,
-                            check_vma=False)  # fmt: skip
+    sharded = jax.shard_map(block, mesh=mesh, in_specs=in_specs, out_specs=seeds, check_vma=False)
     return sharded(*args)
 
 
@@ -156,11 +156,13 @@ def sweep_gradient_flow(
             )
         for index in range(num_seeds):  # value checks (finite X, labels +-1) on every dataset
             check_data(X[index], y[index])
-        predictor, _, _, s_target = _prepare(predictor, params0_batch, X[0], y[0], beta_max,
-                                             s_max, tau_max, True)  # fmt: skip
+        predictor, _, _, s_target = _prepare(
+            predictor, params0_batch, X[0], y[0], beta_max, s_max, tau_max, True
+        )
     else:
-        predictor, X, y, s_target = _prepare(predictor, params0_batch, X, y, beta_max, s_max,
-                                             tau_max, True)  # fmt: skip
+        predictor, X, y, s_target = _prepare(
+            predictor, params0_batch, X, y, beta_max, s_max, tau_max, True
+        )
     _check_not_rest_point(predictor, params0_batch, batched=True)
     static = static_from_options(predictor, options, direction_tol, s_target)
 
@@ -178,10 +180,16 @@ def sweep_gradient_flow(
     if batched_data:
         X, y = _pad(X, total), _pad(y, total)
     out = _sweep(
-        static, mesh, batched_data, params, _global(X, mesh, data_spec),
-        _global(y, mesh, data_spec), _global(np.float64(tau_max), mesh, shared),
-        _global(np.float64(s_target), mesh, shared), _global(_tol(direction_tol), mesh, shared),
-    )  # fmt: skip
+        static,
+        mesh,
+        batched_data,
+        params,
+        _global(X, mesh, data_spec),
+        _global(y, mesh, data_spec),
+        _global(np.float64(tau_max), mesh, shared),
+        _global(np.float64(s_target), mesh, shared),
+        _global(_tol(direction_tol), mesh, shared),
+    )
     if not NamedSharding(mesh, shared).is_fully_addressable:  # several processes: gather all
         from jax.experimental import multihost_utils
 

@@ -23,7 +23,8 @@ def is_concrete(x) -> bool:
 def check_predictor(predictor) -> Predictor:
     if not isinstance(predictor, Predictor):
         raise TypeError(
-            f"expected a jaxmargin Predictor (e.g. jaxmargin.relu_mlp(2, 32)), got {type(predictor)}"
+            "expected a jaxmargin Predictor (e.g. jaxmargin.relu_mlp(2, 32)),"
+            f" got {type(predictor)}"
         )
     return predictor
 

@@ -23,7 +23,7 @@ class DeepLinear:
     def layers(self, flat):
         out, offset = [], 0
         for shape, size in zip(self.shapes, self.sizes):
-            out.append(flat[offset:offset + size].reshape(shape))
+            out.append(flat[offset : offset + size].reshape(shape))
             offset += size
         return out
 
@@ -40,8 +40,8 @@ class DeepLinear:
             backward.insert(0, backward[0] @ W)
         margins = y * (layers[-1] @ forward[-1])
         grads = []
-        for l in range(self.degree - 1):
-            grads.append(np.einsum("a,bn->nab", backward[l], forward[l]).reshape(len(y), -1))
+        for k in range(self.degree - 1):
+            grads.append(np.einsum("a,bn->nab", backward[k], forward[k]).reshape(len(y), -1))
         grads.append(forward[-1].T)
         return margins, y[:, None] * np.concatenate(grads, axis=1)
 
@@ -59,9 +59,15 @@ def tau_flow(model, X, y, w0, tau_max):
         return -logsumexp(-m)
 
     separated.terminal, separated.direction = True, 1
-    solution = scipy.integrate.solve_ivp(field, (0.0, tau_max), np.append(w0, 0.0),
-                                         method="DOP853", rtol=1e-10, atol=1e-12,
-                                         events=separated)  # fmt: skip
+    solution = scipy.integrate.solve_ivp(
+        field,
+        (0.0, tau_max),
+        np.append(w0, 0.0),
+        method="DOP853",
+        rtol=1e-10,
+        atol=1e-12,
+        events=separated,
+    )
     return solution.t_events[0][0], solution.y_events[0][0]
 
 
@@ -82,8 +88,9 @@ def polar_flow(model, X, y, theta0, s0, tau0, log_t_loss0, s_eval):
         return np.concatenate([dtheta, [dtau, d_log_t_loss]])
 
     state0 = np.concatenate([theta0, [tau0, log_t_loss0]])
-    solution = scipy.integrate.solve_ivp(field, (s0, s_eval[-1]), state0, method="DOP853",
-                                         rtol=1e-10, atol=1e-12, t_eval=s_eval)  # fmt: skip
+    solution = scipy.integrate.solve_ivp(
+        field, (s0, s_eval[-1]), state0, method="DOP853", rtol=1e-10, atol=1e-12, t_eval=s_eval
+    )
     thetas = solution.y[:-2].T / np.linalg.norm(solution.y[:-2].T, axis=1, keepdims=True)
     soft = []
     for s, theta in zip(s_eval, thetas):

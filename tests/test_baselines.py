@@ -12,8 +12,17 @@ from scipy.stats import linregress
 import jaxmargin as jm
 from jaxmargin._baselines import ALPHA_GROWTH, ALPHA_SHRINK, gradient_descent, next_alpha
 
-LOG_FIELDS = ("step", "attempts", "log_time", "rho", "log_rho", "log_loss", "soft_margin",
-              "hard_margin", "step_size")  # fmt: skip
+LOG_FIELDS = (
+    "step",
+    "attempts",
+    "log_time",
+    "rho",
+    "log_rho",
+    "log_loss",
+    "soft_margin",
+    "hard_margin",
+    "step_size",
+)
 
 
 def _soudry_problem():
@@ -31,9 +40,15 @@ def _soudry_problem():
 def soudry_run():
     X, y, svm, lr = _soudry_problem()
     run = gradient_descent(
-        jm.linear(), (jnp.zeros(2),), X, y, schedule="constant", lr=lr, steps=3_000_000,
+        jm.linear(),
+        (jnp.zeros(2),),
+        X,
+        y,
+        schedule="constant",
+        lr=lr,
+        steps=3_000_000,
         num_logs=200,
-    )  # fmt: skip
+    )
     return X, y, svm, lr, run
 
 
@@ -144,8 +159,9 @@ def test_loss_based_gd_reaches_a_tiny_loss_on_a_relu_net(reference_data, key):
     X, y = reference_data
     predictor = jm.relu_mlp(2, 16, init_scale=0.5)
     params0 = predictor.init(jax.random.split(key)[1], 5)
-    run = gradient_descent(predictor, params0, X, y, schedule="loss_based", steps=330_000,
-                           num_logs=40)  # fmt: skip
+    run = gradient_descent(
+        predictor, params0, X, y, schedule="loss_based", steps=330_000, num_logs=40
+    )
     assert run.status == "ok"
     logs = {name: np.asarray(getattr(run, name)) for name in LOG_FIELDS}
     for name, values in logs.items():
@@ -189,8 +205,16 @@ def _replay_loss_based(w, alpha, attempts):
 
 def test_loss_based_alpha_rule_matches_a_numpy_replay():
     X, y = np.ones((3, 1)), np.array([1.0, 1.0, -1.0])  # not separable: minimum at ln(2)/2
-    run = gradient_descent(jm.linear(), (jnp.array([3.0]),), X, y, schedule="loss_based",
-                           alpha0=2.5, steps=12, num_logs=12)  # fmt: skip
+    run = gradient_descent(
+        jm.linear(),
+        (jnp.array([3.0]),),
+        X,
+        y,
+        schedule="loss_based",
+        alpha0=2.5,
+        steps=12,
+        num_logs=12,
+    )
     replay = _replay_loss_based(3.0, 2.5, 12)
     np.testing.assert_allclose(np.asarray(run.params[0])[:, 0], [h[0] for h in replay], rtol=1e-13)
     np.testing.assert_allclose(np.asarray(run.step_size), [h[1] for h in replay], rtol=1e-14)
@@ -216,8 +240,9 @@ def test_next_alpha_is_the_published_rule():
 def test_non_finite_update_stops_and_is_flagged():
     X, y, _, _ = _soudry_problem()
     w0 = jnp.array([0.3, -0.1])
-    run = gradient_descent(jm.linear(), (w0,), X, y, schedule="constant", lr=1e308, steps=50,
-                           num_logs=10)  # fmt: skip
+    run = gradient_descent(
+        jm.linear(), (w0,), X, y, schedule="constant", lr=1e308, steps=50, num_logs=10
+    )
     assert run.status != "ok" and "attempt 1" in run.status
     np.testing.assert_array_equal(np.asarray(run.final_params[0]), np.asarray(w0))
     assert not np.isnan(np.asarray(run.params[0])).any()
@@ -241,8 +266,9 @@ def test_compiles_once_per_shape_and_schedule(key, reference_data):
         first = gradient_descent(counted, counted.init(key, 5), X, y, **options, **rates)
         traced = len(traces)
         doubled = {name: 2 * value for name, value in rates.items()}
-        second = gradient_descent(counted, counted.init(jax.random.key(7), 5), X, y, **options,
-                                  **doubled)  # fmt: skip
+        second = gradient_descent(
+            counted, counted.init(jax.random.key(7), 5), X, y, **options, **doubled
+        )
         assert len(traces) == traced
         assert not np.allclose(np.asarray(first.log_loss), np.asarray(second.log_loss))
 
@@ -266,9 +292,14 @@ def test_compiles_once_per_shape_and_schedule(key, reference_data):
 )
 def test_bad_inputs_raise(changes, message):
     arguments = dict(
-        predictor=jm.linear(), params0=(jnp.zeros(2),), X=np.eye(4, 2),
-        y=np.array([1.0, -1.0, 1.0, -1.0]), schedule="constant", lr=0.1, steps=10,
-    )  # fmt: skip
+        predictor=jm.linear(),
+        params0=(jnp.zeros(2),),
+        X=np.eye(4, 2),
+        y=np.array([1.0, -1.0, 1.0, -1.0]),
+        schedule="constant",
+        lr=0.1,
+        steps=10,
+    )
     arguments.update(changes)
     with pytest.raises(ValueError, match=message):
         gradient_descent(**arguments)

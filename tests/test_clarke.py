@@ -40,8 +40,9 @@ def test_lemma2_on_exact_kinks_every_convention(depth):
         predictor = jm.relu_mlp(depth, 6, relu_grad_at_zero=a)
         s = jm.autodiff_subgradient(predictor, params, x)
         residual = float(jm.euler_identity_residual(predictor, params, x, s))
-        scale = depth * abs(value) + float(jnp.linalg.norm(s)) * float(jnp.linalg.norm(
-            jnp.concatenate([p.ravel() for p in params])))
+        scale = depth * abs(value) + float(jnp.linalg.norm(s)) * float(
+            jnp.linalg.norm(jnp.concatenate([p.ravel() for p in params]))
+        )
         assert abs(residual) <= 1e-13 * scale
         gradients.append(s)
     # The conventions give different elements: the test really sits on a kink.
@@ -65,7 +66,11 @@ def test_lemma2_for_sampled_clarke_elements_and_combinations(depth, key):
     assert float(jnp.max(jnp.abs(residuals))) <= 1e-9 * scale
     # Without extrapolation the O(radius) bias of gradient sampling is visible.
     raw = jm.sampled_clarke_subgradients(
-        lambda w: predictor.apply(w, x), params, key, num_samples=64, radius=1e-3,
+        lambda w: predictor.apply(w, x),
+        params,
+        key,
+        num_samples=64,
+        radius=1e-3,
         extrapolate=False,
     )
     raw_residual = jnp.abs(jm.euler_identity_residual(predictor, params, x, raw))
@@ -87,8 +92,9 @@ def test_autodiff_leaves_clarke_set_for_relu_difference(key):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    model=st.sampled_from(["linear", "deep_linear_3", "relu_mlp_2", "relu_mlp_3",
-                           "leaky_relu_mlp_3", "diagonal_2"]),
+    model=st.sampled_from(
+        ["linear", "deep_linear_3", "relu_mlp_2", "relu_mlp_3", "leaky_relu_mlp_3", "diagonal_2"]
+    ),
     seed=st.integers(0, 2**31 - 1),
     log_scale=st.floats(-2.0, 2.0),
     use_sampled=st.booleans(),
@@ -104,7 +110,9 @@ def test_lemma4_property(model, seed, log_scale, use_sampled):
         rows = []
         for i in range(8):
             samples = jm.sampled_clarke_subgradients(
-                lambda w: y[i] * predictor.apply(w, X[i]), params, jax.random.fold_in(k_s, i),
+                lambda w: y[i] * predictor.apply(w, X[i]),
+                params,
+                jax.random.fold_in(k_s, i),
                 num_samples=4,
             )
             mix = jax.random.dirichlet(jax.random.fold_in(k_s, 100 + i), jnp.ones(4))
@@ -147,16 +155,19 @@ def _scipy_min_norm(G):
         np.full(k, 1.0 / k),
         jac=lambda lam: G @ (lam @ G),
         bounds=[(0.0, 1.0)] * k,
-        constraints=[{"type": "eq", "fun": lambda lam: lam.sum() - 1.0,
-                      "jac": lambda lam: np.ones_like(lam)}],
+        constraints=[
+            {"type": "eq", "fun": lambda lam: lam.sum() - 1.0, "jac": lambda lam: np.ones_like(lam)}
+        ],
         method="SLSQP",
         options={"ftol": 1e-15, "maxiter": 2000},
     )
     return result.x @ G
 
 
-@pytest.mark.parametrize("k, d, shift", [(5, 3, 2.0), (12, 4, 1.0), (30, 10, 0.5), (8, 2, 0.0),
-                                         (40, 5, 3.0), (3, 20, 0.0)])
+@pytest.mark.parametrize(
+    "k, d, shift",
+    [(5, 3, 2.0), (12, 4, 1.0), (30, 10, 0.5), (8, 2, 0.0), (40, 5, 3.0), (3, 20, 0.0)],
+)
 def test_min_norm_point_against_scipy(k, d, shift):
     rng = np.random.default_rng(k * 100 + d)
     G = rng.normal(size=(k, d)) + shift * np.eye(d)[0]

@@ -29,11 +29,14 @@ def test_least_squares_with_inequalities_matches_slsqp_and_is_kkt(seed):
     h = G @ rng.normal(size=8) - rng.uniform(0.0, 1.0, 12)  # feasible, some constraints bind
     x = least_squares_with_inequalities(A, b, G, h)
     assert np.all(G @ x - h >= -1e-10)
-    reference = minimize(lambda v: 0.5 * np.sum((A @ v - b) ** 2), np.zeros(8),
-                         jac=lambda v: A.T @ (A @ v - b), method="SLSQP",
-                         constraints={"type": "ineq", "fun": lambda v: G @ v - h,
-                                      "jac": lambda v: G},
-                         options={"ftol": 1e-14, "maxiter": 1000})  # fmt: skip
+    reference = minimize(
+        lambda v: 0.5 * np.sum((A @ v - b) ** 2),
+        np.zeros(8),
+        jac=lambda v: A.T @ (A @ v - b),
+        method="SLSQP",
+        constraints={"type": "ineq", "fun": lambda v: G @ v - h, "jac": lambda v: G},
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
     # (SLSQP may report a line-search failure at its optimum; only its value is compared.)
     assert np.all(G @ reference.x - h >= -1e-8)
     assert np.sum((A @ x - b) ** 2) <= np.sum((A @ reference.x - b) ** 2) * (1 + 1e-9)
@@ -46,8 +49,9 @@ def test_least_squares_with_inequalities_matches_slsqp_and_is_kkt(seed):
 
 def test_least_squares_with_inequalities_rejects_infeasible_constraints():
     with pytest.raises(ValueError, match="infeasible"):
-        least_squares_with_inequalities(np.eye(2), np.ones(2), np.array([[1.0, 0.0], [-1.0, 0.0]]),
-                                        np.array([1.0, 0.0]))  # fmt: skip
+        least_squares_with_inequalities(
+            np.eye(2), np.ones(2), np.array([[1.0, 0.0], [-1.0, 0.0]]), np.array([1.0, 0.0])
+        )
 
 
 def _layer_inputs(layers, x, layer, slope):
@@ -63,8 +67,11 @@ def _on_kinks(params, X, kinks, slope):
     each unit's incoming row projected off the layer inputs of its examples, layer by layer."""
     layers = [np.array(layer) for layer in params]
     for layer, unit in sorted({(layer, unit) for _, layer, unit in kinks}):
-        inputs = [_layer_inputs(layers, X[i], layer, slope)
-                  for i, l, u in kinks if (l, u) == (layer, unit)]  # fmt: skip
+        inputs = [
+            _layer_inputs(layers, X[i], layer, slope)
+            for i, kink_layer, kink_unit in kinks
+            if (kink_layer, kink_unit) == (layer, unit)
+        ]
         basis = np.linalg.qr(np.array(inputs).T)[0]
         row = layers[layer][unit]
         layers[layer][unit] = row - basis @ (basis.T @ row)
@@ -113,8 +120,9 @@ def _gated_gradient(predictor, params, x, label, kinked_shapes, units, gates):
     for (layer, unit), gate in zip(units, gates):
         masks[layer][unit], alphas[layer][unit] = True, gate
     arrays = tuple((jnp.asarray(m), jnp.asarray(a)) for m, a in zip(masks, alphas))
-    return np.asarray(jax.grad(lambda v: label * predictor.kinks.gated_apply(
-        unravel(v), x, arrays))(w))  # fmt: skip
+    return np.asarray(
+        jax.grad(lambda v: label * predictor.kinks.gated_apply(unravel(v), x, arrays))(w)
+    )
 
 
 @pytest.mark.parametrize("depth, slope", [(2, 0.0), (3, 0.0), (2, 0.1)])
@@ -125,25 +133,32 @@ def test_gated_gradients_are_in_the_clarke_sets(depth, slope):
     interpolation of them (a convex combination: an element of the Clarke set)."""
     predictor, params, X, y, kinks = _kinked_problem(depth, slope)
     kinked = kinked_units(predictor, params, X, 1e-9)
-    found = {(i, layer, unit) for layer, mask in enumerate(kinked)
-             for i, unit in zip(*np.nonzero(mask))}  # fmt: skip
+    found = {
+        (i, layer, unit) for layer, mask in enumerate(kinked) for i, unit in zip(*np.nonzero(mask))
+    }
     assert found == {(i, layer, unit) for i, units in kinks.items() for layer, unit in units}
     widths = [mask.shape[1] for mask in kinked]
     rng = np.random.default_rng(depth)
     for i, units in kinks.items():
         patterns = list(itertools.product([0, 1], repeat=len(units)))
-        vertex = {p: float(y[i]) * _limiting_gradient(predictor, params, X[i], units,
-                                                      [2.0 * s - 1.0 for s in p], slope)
-                  for p in patterns}  # fmt: skip
+        vertex = {
+            p: float(y[i])
+            * _limiting_gradient(predictor, params, X[i], units, [2.0 * s - 1.0 for s in p], slope)
+            for p in patterns
+        }
         scale = max(np.linalg.norm(v) for v in vertex.values())
         for p in patterns:
             gated = _gated_gradient(predictor, params, X[i], y[i], widths, units, p)
             np.testing.assert_allclose(gated, vertex[p], atol=1e-7 * scale)
         g = rng.uniform(0.1, 0.9, len(units))
-        interpolated = sum(np.prod([gk if s else 1.0 - gk for gk, s in zip(g, p)]) * vertex[p]
-                           for p in patterns)  # fmt: skip
-        np.testing.assert_allclose(_gated_gradient(predictor, params, X[i], y[i], widths, units,
-                                                   g), interpolated, atol=1e-7 * scale)
+        interpolated = sum(
+            np.prod([gk if s else 1.0 - gk for gk, s in zip(g, p)]) * vertex[p] for p in patterns
+        )
+        np.testing.assert_allclose(
+            _gated_gradient(predictor, params, X[i], y[i], widths, units, g),
+            interpolated,
+            atol=1e-7 * scale,
+        )
 
 
 @pytest.mark.parametrize("depth, slope", [(2, 0.0), (3, 0.0), (2, 0.1)])
@@ -158,15 +173,21 @@ def test_gate_fit_against_brute_force_over_the_vertices(depth, slope):
     for i in range(X.shape[0]):
         units = kinks.get(i, [])
         for signs in itertools.product([-1.0, 1.0], repeat=len(units)):
-            columns.append(float(y[i]) * _limiting_gradient(predictor, params, X[i], units,
-                                                            signs, slope))  # fmt: skip
+            columns.append(
+                float(y[i]) * _limiting_gradient(predictor, params, X[i], units, signs, slope)
+            )
             owner.append(i)
     columns, owner = np.array(columns), np.array(owner)
     rng = np.random.default_rng(depth)
     inside = rng.uniform(0.5, 1.0, len(columns)) @ columns
-    for b, interior in ((rng.normal(size=columns.shape[1]), False),
-                        (inside / np.linalg.norm(inside) + 0.05 * rng.normal(size=columns.shape[1])
-                         / np.sqrt(columns.shape[1]), True)):  # fmt: skip
+    for b, interior in (
+        (rng.normal(size=columns.shape[1]), False),
+        (
+            inside / np.linalg.norm(inside)
+            + 0.05 * rng.normal(size=columns.shape[1]) / np.sqrt(columns.shape[1]),
+            True,
+        ),
+    ):
         b /= np.linalg.norm(b)
         weights = best_nnls(columns.T, b)
         brute = np.linalg.norm(b - weights @ columns)
@@ -187,8 +208,12 @@ def test_gate_fit_recovers_an_element_of_the_cone():
     w, unravel = ravel_pytree(params)
     rng = np.random.default_rng(0)
     gates = tuple((jnp.asarray(mask), jnp.asarray(rng.uniform(size=mask.shape))) for mask in kinked)
-    elements = jax.vmap(jax.grad(lambda v, x, label, gate: label * predictor.kinks.gated_apply(
-        unravel(v), x, gate)), in_axes=(None, 0, 0, 0))(w, X, y, gates)  # fmt: skip
+    elements = jax.vmap(
+        jax.grad(
+            lambda v, x, label, gate: label * predictor.kinks.gated_apply(unravel(v), x, gate)
+        ),
+        in_axes=(None, 0, 0, 0),
+    )(w, X, y, gates)
     b = rng.uniform(0.5, 2.0, X.shape[0]) @ np.asarray(elements)
     fit = fit_gates(predictor, params, X, y, b / np.linalg.norm(b), kinked)
     assert fit.residual <= 1e-10

@@ -41,8 +41,15 @@ print(json.dumps(dict(counts, directory=str(directory), eqx=os.environ.get("EQX_
 
 
 def _child(directory, env=None):
-    done = subprocess.run([sys.executable, "-c", CHILD, str(directory)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(directory)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

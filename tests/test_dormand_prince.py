@@ -19,8 +19,7 @@ def _exact(x):
 
 def _run(event, x_end=5.0, rtol=1e-10, atol=1e-12, max_steps=10_000, field=_rotation):
     save_xs = jnp.linspace(0.0, x_end, 11)
-    run = jax.jit(lambda y0: dp.integrate(field, event, y0, x_end, save_xs, rtol, atol,
-                                          max_steps))  # fmt: skip
+    run = jax.jit(lambda y0: dp.integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps))
     return run(jnp.asarray([1.0, 0.0, 1.0])), np.asarray(save_xs)
 
 

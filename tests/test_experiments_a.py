@@ -93,8 +93,9 @@ def test_claims_are_finite_and_recomputable_from_the_npz(suite, name):
 def test_cli_main_of_each_module_uses_the_cache(suite):
     for name in MODULES:
         claims = _runner.main(_module(name), ["--quick"])
-        assert [c.claim for c in claims] == [c.claim for c in _module(name).summarize(
-            _saved(name)[2], _module(name).Config.quick())]
+        assert [c.claim for c in claims] == [
+            c.claim for c in _module(name).summarize(_saved(name)[2], _module(name).Config.quick())
+        ]
 
 
 def test_summary_markdown_lists_every_claim(suite):
@@ -105,8 +106,10 @@ def test_summary_markdown_lists_every_claim(suite):
     assert len(stored["claims"]) == len(summary["claims"]) >= 2 * len(MODULES)
     for row in stored["claims"]:
         verdict = "holds" if row["holds"] else "**fails**"
-        line = (f"| {row['experiment']} | {row['claim']} | {row['quantity']} |"
-                f" {row['value']:.6g} | {row['criterion']} | {verdict} |")  # fmt: skip
+        line = (
+            f"| {row['experiment']} | {row['claim']} | {row['quantity']} |"
+            f" {row['value']:.6g} | {row['criterion']} | {verdict} |"
+        )
         assert line in markdown
         assert row["results"].endswith(".npz")
 
@@ -158,10 +161,12 @@ def test_diagonal_l1_numbers(suite):
     module, config, saved = _saved("diagonal_l1")
     claims = module.summarize(saved, config)
     best = min(
-        np.abs(saved[f"seed{s}_L2_flow_beta"][-1] / np.abs(saved[f"seed{s}_L2_flow_beta"][-1]).sum()
-               - saved[f"seed{s}_lp_direction"]).sum()
+        np.abs(
+            saved[f"seed{s}_L2_flow_beta"][-1] / np.abs(saved[f"seed{s}_L2_flow_beta"][-1]).sum()
+            - saved[f"seed{s}_lp_direction"]
+        ).sum()
         for s in range(config.seeds)
-    )  # fmt: skip
+    )
     assert _claim(claims, "L=2 flow").value == pytest.approx(best, rel=1e-9)
     assert all(bool(saved[f"seed{s}_lp_unique"]) for s in range(config.seeds))
 
@@ -189,6 +194,11 @@ def test_alignment_numbers(suite):
         gd = _claim(claims, f"L={depth}: alignment along loss-based GD")
         finals = [np.median(saved[f"L{depth}_gd{s}_alignment"][-5:]) for s in range(config.seeds)]
         assert gd.value == pytest.approx(np.median(finals), rel=1e-12)
-        values = np.concatenate([saved[f"L{depth}_gd{s}_{kind}"] for s in range(config.seeds)
-                                 for kind in ("alignment", "velocity_alignment")])
+        values = np.concatenate(
+            [
+                saved[f"L{depth}_gd{s}_{kind}"]
+                for s in range(config.seeds)
+                for kind in ("alignment", "velocity_alignment")
+            ]
+        )
         assert np.all(np.abs(values) <= 1 + 1e-12)

@@ -59,7 +59,7 @@ def _independent_check(name, module, results, config, claims):
         for row, value in zip(results["gd_soft"], dec):
             pos = np.flatnonzero(row > 0)
             if pos.size > 1:
-                g = row[pos[0]:]
+                g = row[pos[0] :]
                 scale = np.maximum(np.abs(g[:-1]), np.abs(g[1:]))
                 assert value == pytest.approx(float(np.max((g[:-1] - g[1:]) / scale)), rel=1e-12)
     elif name == "width":

@@ -9,7 +9,6 @@ from jax.flatten_util import ravel_pytree
 import jaxmargin as jm
 from jaxmargin._flow import _solution as codes
 
-
 SOLVER_SETTINGS = {
     "dopri8": dict(solver="dopri8", rtol=1e-12, atol=1e-14),
     # Phase 2 on the linearly implicit W-method (second order: a tighter tolerance).
@@ -25,8 +24,9 @@ def test_smooth_models_against_scipy(depth, solver, key):
     params0 = jax.tree.map(lambda w: 0.3 * w, predictor.init(jax.random.fold_in(key, 1), 3))
     model = DeepLinear([p.shape for p in params0])
     w0 = np.asarray(ravel_pytree(params0)[0])
-    solution = jm.gradient_flow(predictor, params0, X, y, s_max=1.5, num_saves=40,
-                                **SOLVER_SETTINGS[solver])  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor, params0, X, y, s_max=1.5, num_saves=40, **SOLVER_SETTINGS[solver]
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
 
     tau0, state0 = tau_flow(model, np.asarray(X), np.asarray(y), w0, 1e4)
@@ -40,11 +40,18 @@ def test_smooth_models_against_scipy(depth, solver, key):
     w_ref0 = state0[:-1]
     log_loss0 = -(-np.log(np.sum(np.exp(-model.margins_and_gradients(w_ref0, X, y)[0]))))
     thetas, soft, tau, log_t_loss = polar_flow(
-        model, np.asarray(X), np.asarray(y), w_ref0 / np.linalg.norm(w_ref0), s[0], tau0,
-        np.log(state0[-1]) + log_loss0, s,
-    )  # fmt: skip
-    ours = np.stack([np.asarray(ravel_pytree(row(solution.params, i))[0])
-                     for i in np.flatnonzero(phase2)])  # fmt: skip
+        model,
+        np.asarray(X),
+        np.asarray(y),
+        w_ref0 / np.linalg.norm(w_ref0),
+        s[0],
+        tau0,
+        np.log(state0[-1]) + log_loss0,
+        s,
+    )
+    ours = np.stack(
+        [np.asarray(ravel_pytree(row(solution.params, i))[0]) for i in np.flatnonzero(phase2)]
+    )
     ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
     np.testing.assert_allclose(ours, thetas, atol=1e-7)
     np.testing.assert_allclose(np.asarray(solution.soft_margin)[phase2], soft, rtol=1e-7, atol=1e-9)
@@ -60,8 +67,7 @@ def test_zero_start_linear_and_rest_point_error(key):
     svm = jm.svm_direction(X, y)
     assert float(solution.hard_margin[-1]) <= svm.margin + 1e-12
     with pytest.raises(ValueError, match="rest point"):
-        jm.gradient_flow(jm.deep_linear(2, 3), (jnp.zeros((3, 3)), jnp.zeros(3)), X, y,
-                         s_max=1.0)  # fmt: skip
+        jm.gradient_flow(jm.deep_linear(2, 3), (jnp.zeros((3, 3)), jnp.zeros(3)), X, y, s_max=1.0)
 
 
 def test_one_example_from_zero():
@@ -76,16 +82,18 @@ def test_one_example_from_zero():
         norm = float(jnp.linalg.norm(x))
         np.testing.assert_allclose(np.asarray(solution.soft_margin)[after], norm, rtol=1e-9)
         w = np.asarray(solution.params[0][-1])
-        np.testing.assert_allclose(w / np.linalg.norm(w), label * np.asarray(x[0]) / norm,
-                                   atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            w / np.linalg.norm(w), label * np.asarray(x[0]) / norm, atol=1e-12
+        )
         np.testing.assert_allclose(float(solution.rho[-1]), 1e3, rtol=1e-9)
 
 
 def test_not_separable_reports_best_margin():
     X = jnp.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     y = jnp.array([1.0, 1.0, 1.0])  # x and -x share a label: no linear separator
-    solution = jm.gradient_flow(jm.linear(), (jnp.array([0.1, 0.2]),), X, y, s_max=3.0,
-                                tau_max=50.0)  # fmt: skip
+    solution = jm.gradient_flow(
+        jm.linear(), (jnp.array([0.1, 0.2]),), X, y, s_max=3.0, tau_max=50.0
+    )
     assert solution.status.code == codes.NOT_SEPARATED
     assert not bool(solution.status.separated)
     assert np.isfinite(float(solution.status.best_soft_margin))
@@ -130,13 +138,15 @@ def test_batch_over_seeds_compiles_once(key):
     jm.gradient_flow_batch(counted, batch2, X, y, s_max=1.0, num_saves=12)
     assert len(traces) == count
     for i in range(3):
-        single = jm.gradient_flow(counted, row(batch, i), X, y, s_max=1.0, num_saves=12,
-                                  sliding=None)  # fmt: skip
+        single = jm.gradient_flow(
+            counted, row(batch, i), X, y, s_max=1.0, num_saves=12, sliding=None
+        )
         rows = np.asarray(first.valid[i])
         # Batched matmuls round differently, and adaptive step sequences amplify round-off up
         # to the solver tolerance (rtol 1e-8): compare at 100 x that.
-        np.testing.assert_allclose(np.asarray(first.soft_margin[i])[rows], single.soft_margin,
-                                   rtol=1e-6, atol=1e-9)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(first.soft_margin[i])[rows], single.soft_margin, rtol=1e-6, atol=1e-9
+        )
 
 
 def test_repeated_runs_reuse_the_compiled_stages(key):

@@ -30,8 +30,9 @@ def test_relu_against_halved_euler(depth):
     to_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, rtol=1e-8, atol=1e-11)
     s0 = float(to_t0.status.s0)
     horizon = 0.4
-    solution = jm.gradient_flow(predictor, params0, X, y, s_max=s0 + horizon, rtol=1e-8,
-                                atol=1e-11, num_saves=16)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor, params0, X, y, s_max=s0 + horizon, rtol=1e-8, atol=1e-11, num_saves=16
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     start = int(np.argmax(np.asarray(solution.phase) == 2))
     theta0 = jax.tree.map(lambda a: a / float(solution.rho[start]), row(solution.params, start))
@@ -39,14 +40,17 @@ def test_relu_against_halved_euler(depth):
     # some starts (differences -1.6e-5, +1.6e-5, 2.8e-6: a spurious 'order' 2.5, seen
     # 2026-11-28 after a change of the start's kink band); down to 6.25e-5 it reads 0.92.
     steps = [2e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4, 6.25e-5]
-    euler = [projected_euler_soft_margin(predictor, theta0, X, y, s0, s0 + horizon, h)
-             for h in steps]  # fmt: skip
+    euler = [
+        projected_euler_soft_margin(predictor, theta0, X, y, s0, s0 + horizon, h) for h in steps
+    ]
     differences = np.abs(np.diff(euler))
     order = np.log2(differences[-2] / differences[-1])
     extrapolated = 2 * euler[-1] - euler[-2]
     engine = float(solution.soft_margin[-1])
-    print(f"depth {depth}: Euler {euler}, observed order {order:.2f}, extrapolated"
-          f" {extrapolated:.8f}, engine {engine:.8f}")  # fmt: skip
+    print(
+        f"depth {depth}: Euler {euler}, observed order {order:.2f}, extrapolated"
+        f" {extrapolated:.8f}, engine {engine:.8f}"
+    )
     assert abs(engine - extrapolated) <= 1e-4
     assert 0.5 <= order <= 2.5  # first order, as a kinked Filippov flow allows
 
@@ -59,8 +63,9 @@ def _just_past_t0(predictor, params0, X, y):
     loose = dict(rtol=1e-4, atol=1e-6, max_steps=5000, num_saves=8, sliding=sliding)
     probe = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, **loose)
     assert bool(probe.status.separated), probe.status.message
-    past_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=float(probe.status.s0) + 0.05,
-                               **loose)  # fmt: skip
+    past_t0 = jm.gradient_flow(
+        predictor, params0, X, y, s_max=float(probe.status.s0) + 0.05, **loose
+    )
     start = row(past_t0.params, -1)
     assert float(jm.soft_margin(predictor, start, X, y)) > 0
     return start
@@ -77,8 +82,17 @@ def _check_theorem5(depth, seed, ds):
         # past t0 and follow the flow for ds in s (phase-2 steps shrink like 1/beta).
         params0 = _just_past_t0(predictor, params0, X, y)
         beta_max = float(jnp.exp(depth * (jm.log_norm(params0) + ds)))
-    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=beta_max, rtol=1e-8,
-                                atol=1e-11, num_saves=40, max_steps=20_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        params0,
+        X,
+        y,
+        beta_max=beta_max,
+        rtol=1e-8,
+        atol=1e-11,
+        num_saves=40,
+        max_steps=20_000,
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     decrease = theorem5_max_decrease(solution)
     assert decrease <= (1e-9 if smooth else 1e-6), (depth, seed, decrease)
@@ -119,8 +133,11 @@ def _gapped_data(n=16, dim=6, gap=0.5):
 @pytest.mark.parametrize(
     "depth,seed",
     # (5, 3) moved to slow (34 s) to keep `make test` under 10 minutes; L = 5 runs there.
-    [(4, 1)] + [pytest.param(d, s, marks=pytest.mark.slow)
-                for d, s in ((5, 3), (4, 0), (4, 2), (5, 2), (5, 4), (5, 5), (5, 7))],
+    [(4, 1)]
+    + [
+        pytest.param(d, s, marks=pytest.mark.slow)
+        for d, s in ((5, 3), (4, 0), (4, 2), (5, 2), (5, 4), (5, 5), (5, 7))
+    ],
 )
 def test_theorem5_deep_relu(depth, seed):
     """L = 4, 5: gamma~ after t0 never decreases by more than 1e-6 relative (rtol 1e-6).
@@ -134,9 +151,18 @@ def test_theorem5_deep_relu(depth, seed):
     params0 = predictor.init(jax.random.key(1000 * depth + seed), X.shape[1])
     start = _just_past_t0(predictor, params0, X, y)
     s1 = float(jm.log_norm(start))
-    solution = jm.gradient_flow(predictor, start, X, y, s_max=s1 + 0.3, rtol=1e-6, atol=1e-8,
-                                num_saves=40, max_steps=20_000,
-                                sliding=jm.SlidingOptions(candidates=8))  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        start,
+        X,
+        y,
+        s_max=s1 + 0.3,
+        rtol=1e-6,
+        atol=1e-8,
+        num_saves=40,
+        max_steps=20_000,
+        sliding=jm.SlidingOptions(candidates=8),
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     assert np.sum(np.asarray(solution.phase) == 2) >= 30
     decrease = theorem5_max_decrease(solution)
@@ -149,8 +175,9 @@ def test_lyu_li_identity_along_output(depth, key):
     X, y = small_separable(key)
     predictor = jm.linear() if depth == 1 else jm.deep_linear(2, 3)
     params0 = predictor.init(jax.random.fold_in(key, 2), 3)
-    solution = jm.gradient_flow(predictor, params0, X, y, s_max=2.0, rtol=1e-12, atol=1e-14,
-                                solver="dopri8", num_saves=400)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor, params0, X, y, s_max=2.0, rtol=1e-12, atol=1e-14, solver="dopri8", num_saves=400
+    )
     residual = lyu_li_identity_residual(solution, predictor, X, y)
     assert residual <= 1e-6, residual
 
@@ -164,9 +191,17 @@ def test_lyu_li_identity_relu_tau_clock():
     X, y = _gapped_data()
     predictor = jm.relu_mlp(2, 6)
     params0 = predictor.init(jax.random.key(4000), X.shape[1])
-    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=300.0, rtol=1e-6, atol=1e-8,
-                                num_saves=64,
-                                sliding=jm.SlidingOptions(candidates=8, threshold=1e-5))  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        params0,
+        X,
+        y,
+        beta_max=300.0,
+        rtol=1e-6,
+        atol=1e-8,
+        num_saves=64,
+        sliding=jm.SlidingOptions(candidates=8, threshold=1e-5),
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
 
     def sides(params):
@@ -176,7 +211,8 @@ def test_lyu_li_identity_relu_tau_clock():
 
     right, scale = (np.asarray(a) for a in jax.vmap(sides)(solution.params))
     left = np.asarray(solution.sign_half_drho2_dtau) * np.exp(
-        np.asarray(solution.log_half_drho2_dtau))
+        np.asarray(solution.log_half_drho2_dtau)
+    )
     phase = np.asarray(solution.phase)
     for which in (1, 2):
         rows = (phase == which) & np.isfinite(left)

@@ -139,8 +139,9 @@ def test_relu_kkt_point_on_a_kink_needs_the_clarke_hull():
     assert kkt_certificate(right_side, params, X, y).stationarity <= 1e-10
     # The Clarke element it needs is relu'(0) = 1/2.
     middle = jm.relu_mlp(2, 2, relu_grad_at_zero=0.5)
-    assert kkt_certificate(middle, params, X, y, clarke_samples=0,
-                           gate_sweeps=0).stationarity <= 1e-12  # fmt: skip
+    assert (
+        kkt_certificate(middle, params, X, y, clarke_samples=0, gate_sweeps=0).stationarity <= 1e-12
+    )
     # Without sampling, the gate fit finds that element itself: the gate of (A, unit 1) is the
     # one free variable, and lambda and relu'(0) = 1/2 are the solution above.
     gated = kkt_certificate(predictor, params, X, y, clarke_samples=0)
@@ -174,8 +175,12 @@ def _direct_alignment(predictor, params, X, y):
 @pytest.mark.parametrize("name", ["linear", "relu2", "relu3", "deep_linear3"])
 def test_alignment_matches_plain_autodiff_at_moderate_norm(name, reference_data):
     X, y = reference_data
-    predictor = {"linear": jm.linear(), "relu2": jm.relu_mlp(2, 8), "relu3": jm.relu_mlp(3, 6),
-                 "deep_linear3": jm.deep_linear(3, 4)}[name]
+    predictor = {
+        "linear": jm.linear(),
+        "relu2": jm.relu_mlp(2, 8),
+        "relu3": jm.relu_mlp(3, 6),
+        "deep_linear3": jm.deep_linear(3, 4),
+    }[name]
     params = predictor.init(jax.random.key(3), 5)
     value = float(alignment(predictor, params, X, y))
     assert value == pytest.approx(_direct_alignment(predictor, params, X, y), abs=1e-12)

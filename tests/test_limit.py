@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+from helpers import linearly_separable
 from jax.flatten_util import ravel_pytree
 
 import jaxmargin as jm
@@ -15,8 +16,6 @@ from jaxmargin._flow import _limit as lim
 from jaxmargin._flow import _solution as codes
 from jaxmargin._flow._kink_geometry import per_example_margins
 from jaxmargin._wolfe import wolfe
-
-from helpers import linearly_separable
 
 
 def _unit(v):
@@ -28,11 +27,14 @@ def _unit(v):
 def _scipy_min_norm(vectors):
     k = vectors.shape[0]
     result = scipy.optimize.minimize(
-        lambda a: np.sum((a @ vectors) ** 2), np.full(k, 1.0 / k), method="SLSQP",
-        jac=lambda a: 2.0 * vectors @ (a @ vectors), bounds=[(0.0, 1.0)] * k,
+        lambda a: np.sum((a @ vectors) ** 2),
+        np.full(k, 1.0 / k),
+        method="SLSQP",
+        jac=lambda a: 2.0 * vectors @ (a @ vectors),
+        bounds=[(0.0, 1.0)] * k,
         constraints=[{"type": "eq", "fun": lambda a: np.sum(a) - 1.0}],
         options={"ftol": 1e-15, "maxiter": 1000},
-    )  # fmt: skip
+    )
     assert result.success, result.message
     return result.x @ vectors
 
@@ -92,8 +94,9 @@ def test_diagonal_depth2_reaches_the_l1_max_margin(seed):
     params0 = predictor.init(jax.random.key(0), 8)
     # The W-method stalls near beta ~ 2e8 on these nets (the minimum-margin examples swap
     # within its steps); the engine then continues on the limit flow.
-    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=1e30, solver="rosenbrock",
-                                rtol=1e-6, max_steps=20_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor, params0, X, y, beta_max=1e30, solver="rosenbrock", rtol=1e-6, max_steps=20_000
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     last = jax.tree.map(lambda a: a[-1], solution.params)
     beta = np.asarray(predictor.end_to_end(last))
@@ -107,8 +110,9 @@ def test_deep_linear_depth3_reaches_the_svm_direction_at_beta_1e30():
     X, y = linearly_separable(0, 40, 10)  # the data of bench/asymptotic.py
     predictor = jm.deep_linear(3, 5)
     params0 = predictor.init(jax.random.key(1), 10)
-    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=1e30, solver="rosenbrock",
-                                rtol=1e-6, max_steps=20_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor, params0, X, y, beta_max=1e30, solver="rosenbrock", rtol=1e-6, max_steps=20_000
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     last = jax.tree.map(lambda a: a[-1], solution.params)
     distance = np.linalg.norm(_unit(predictor.end_to_end(last)) - jm.svm_direction(X, y).direction)
@@ -120,8 +124,16 @@ def test_deep_linear_depth3_reaches_the_svm_direction_at_beta_1e30():
 
 def test_linear_soudry_reaches_beta_1e300():
     X, y = jm.soudry_dataset(0)
-    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e300,
-                                solver="rosenbrock", rtol=1e-8, max_steps=50_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        jm.linear(),
+        (jnp.zeros(2),),
+        X,
+        y,
+        beta_max=1e300,
+        solver="rosenbrock",
+        rtol=1e-8,
+        max_steps=50_000,
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     assert float(solution.s[-1]) == pytest.approx(np.log(1e300), rel=1e-12)
     direction = _unit(solution.params[0][-1])
@@ -140,18 +152,38 @@ def test_limit_flow_continues_the_flow_at_finite_beta(depth):
     X, y = linearly_separable(20261128, 40, 10)
     predictor = jm.deep_linear(depth, 5)
     finite_beta, limit = _switch_against_finite_beta(
-        predictor, predictor.init(jax.random.key(1), 10), X, y, 1e10, 1e8, 300_000,
-        direction_tol=1e-7, tols=(1e-8, 1e-8, 1e-9))  # fmt: skip
+        predictor,
+        predictor.init(jax.random.key(1), 10),
+        X,
+        y,
+        1e10,
+        1e8,
+        300_000,
+        direction_tol=1e-7,
+        tols=(1e-8, 1e-8, 1e-9),
+    )
     assert limit.status.steps[1] < finite_beta.status.steps[1]
 
 
-def _switch_against_finite_beta(predictor, params0, X, y, beta_max, switch, max_steps,
-                                direction_tol, tols):
+def _switch_against_finite_beta(
+    predictor, params0, X, y, beta_max, switch, max_steps, direction_tol, tols
+):
     """The W-method all the way to beta_max vs the limit flow from `switch` on: the final
     directions within direction_tol, soft margin / ln t / tau within relative tols."""
-    runs = [jm.gradient_flow(predictor, params0, X, y, beta_max=beta_max, solver="rosenbrock",
-                             rtol=1e-8, max_steps=max_steps, limit_beta=limit_beta)
-            for limit_beta in (None, switch)]  # fmt: skip
+    runs = [
+        jm.gradient_flow(
+            predictor,
+            params0,
+            X,
+            y,
+            beta_max=beta_max,
+            solver="rosenbrock",
+            rtol=1e-8,
+            max_steps=max_steps,
+            limit_beta=limit_beta,
+        )
+        for limit_beta in (None, switch)
+    ]
     for run in runs:
         assert run.status.code == codes.REACHED_TARGET, run.status.message
     finite_beta, limit = runs
@@ -173,8 +205,9 @@ def _switch_against_finite_beta(predictor, params0, X, y, beta_max, switch, max_
 def test_limit_beta_is_validated():
     X, y = jm.soudry_dataset(0)
     with pytest.raises(ValueError, match="limit_beta"):
-        jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e12, solver="rosenbrock",
-                         limit_beta=10.0)  # fmt: skip
+        jm.gradient_flow(
+            jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e12, solver="rosenbrock", limit_beta=10.0
+        )
 
 
 def _small_relu_problem(seed, depth=2):
@@ -193,14 +226,26 @@ def test_relu_flow_reaches_a_kkt_point():
     with the flow's Wolfe and box-QP solves), finds the last point stationary to <= 1e-6; and
     gamma~ never decreased. Measured: certificate 5.2e-8."""
     predictor, params0, X, y = _small_relu_problem(4)
-    flow = jm.gradient_flow(predictor, params0, X, y, beta_max=1e300, solver="rosenbrock",
-                            rtol=1e-8, max_steps=100_000, direction_tol=1e-7)  # fmt: skip
+    flow = jm.gradient_flow(
+        predictor,
+        params0,
+        X,
+        y,
+        beta_max=1e300,
+        solver="rosenbrock",
+        rtol=1e-8,
+        max_steps=100_000,
+        direction_tol=1e-7,
+    )
     assert flow.status.code == codes.DIRECTION_CONVERGED, flow.status.message
     assert theorem5_max_decrease(flow) <= 1e-8
-    certificate = jm.kkt_certificate(predictor, jax.tree.map(lambda a: a[-1], flow.params), X, y,
-                                     clarke_samples=256)  # fmt: skip
-    print(f"KKT stationarity {certificate.stationarity:.3e} at beta = "
-          f"10^{2 * float(flow.s[-1]) / np.log(10):.0f}")
+    certificate = jm.kkt_certificate(
+        predictor, jax.tree.map(lambda a: a[-1], flow.params), X, y, clarke_samples=256
+    )
+    print(
+        f"KKT stationarity {certificate.stationarity:.3e} at beta = "
+        f"10^{2 * float(flow.s[-1]) / np.log(10):.0f}"
+    )
     assert certificate.stationarity <= 1e-6
     assert certificate.complementary_slackness <= 1e-10
 
@@ -217,20 +262,23 @@ def test_limit_flow_continues_a_relu_flow_to_a_kkt_point(depth, seed):
     L = 3: 9.813e-8 / 9.699e-8 / 6.117e-8 (the speed to 4 digits or better) at s = 1151 / 1258 /
     75. Seeds 1, 2 and 5 of the L = 3 problem do not separate within 100k phase-1 steps."""
     predictor, params0, X, y = _small_relu_problem(seed, depth=depth)
-    flow = jm.gradient_flow(predictor, params0, X, y, beta_max=1e12, solver="rosenbrock",
-                            rtol=1e-8, max_steps=100_000)  # fmt: skip
+    flow = jm.gradient_flow(
+        predictor, params0, X, y, beta_max=1e12, solver="rosenbrock", rtol=1e-8, max_steps=100_000
+    )
     assert flow.status.code == codes.REACHED_TARGET, flow.status.message
     assert theorem5_max_decrease(flow) <= 1e-8
     start = jax.tree.map(lambda a: a[-1], flow.params)
-    limit = jm.limit_flow(predictor, start, X, y, s_max=1e4, direction_tol=1e-7,
-                          max_steps=20_000)  # fmt: skip
+    limit = jm.limit_flow(predictor, start, X, y, s_max=1e4, direction_tol=1e-7, max_steps=20_000)
     assert limit.code == codes.DIRECTION_CONVERGED, limit.message
     assert limit.speed < 1e-7
     assert np.all(np.diff(limit.margin) >= -1e-12 * limit.margin[:-1])
-    certificate = jm.kkt_certificate(predictor, jax.tree.map(lambda a: a[-1], limit.directions),
-                                     X, y, clarke_samples=256)  # fmt: skip
-    print(f"L = {depth}, seed {seed}: s = {limit.s[-1]:.1f}, speed {limit.speed:.3e}, "
-          f"certificate {certificate.stationarity:.3e}")
+    certificate = jm.kkt_certificate(
+        predictor, jax.tree.map(lambda a: a[-1], limit.directions), X, y, clarke_samples=256
+    )
+    print(
+        f"L = {depth}, seed {seed}: s = {limit.s[-1]:.1f}, speed {limit.speed:.3e}, "
+        f"certificate {certificate.stationarity:.3e}"
+    )
     assert certificate.stationarity <= 1e-6
     assert certificate.stationarity == pytest.approx(limit.speed, rel=1e-3)
     assert certificate.complementary_slackness <= 1e-10
@@ -245,8 +293,9 @@ def test_relu_limit_flow_continues_the_flow_at_finite_beta():
     1.8e-6 / 1.3e-7 / 1.3e-7 / 9.2e-9; 5.1e-7 / 9.0e-8 / 9.0e-8 / 2.1e-8 before the limit
     flow's kink landings and saves used its dense output)."""
     predictor, params0, X, y = _small_relu_problem(2)
-    _switch_against_finite_beta(predictor, params0, X, y, 1e8, 1e6, 200_000, direction_tol=5e-6,
-                                tols=(1e-6, 1e-6, 1e-7))  # fmt: skip
+    _switch_against_finite_beta(
+        predictor, params0, X, y, 1e8, 1e6, 200_000, direction_tol=5e-6, tols=(1e-6, 1e-6, 1e-7)
+    )
 
 
 def test_limit_flow_on_a_linear_model_reaches_the_svm_direction():
@@ -277,5 +326,12 @@ def test_limit_flow_rejects_bad_input():
 def test_limit_beta_auto_and_bad_strings():
     X, y = jm.soudry_dataset(0)
     with pytest.raises(ValueError, match="limit_beta"):
-        jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e12, solver="rosenbrock",
-                         limit_beta="sometimes")  # fmt: skip
+        jm.gradient_flow(
+            jm.linear(),
+            (jnp.zeros(2),),
+            X,
+            y,
+            beta_max=1e12,
+            solver="rosenbrock",
+            limit_beta="sometimes",
+        )

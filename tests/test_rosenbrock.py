@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import linearly_separable
 from jax.flatten_util import ravel_pytree
 
 import jaxmargin as jm
@@ -14,8 +15,6 @@ from jaxmargin._checks import theorem5_max_decrease
 from jaxmargin._flow import _rosenbrock as ros
 from jaxmargin._flow import _solution as codes
 from jaxmargin._flow._box_qp import FISTA_ITERATIONS
-
-from helpers import linearly_separable
 
 
 def test_woodbury_solve_matches_dense(rng):
@@ -29,8 +28,9 @@ def test_woodbury_solve_matches_dense(rng):
     # Backward error: the residual of W k = b relative to ||W|| ||k|| + ||b|| (W's condition
     # number is ~1e6 here, so forward errors of any solver, numpy's included, are ~1e-10).
     ky = np.asarray(ky)
-    residual = np.linalg.norm(W @ ky - b) / (np.linalg.norm(W, 2) * np.linalg.norm(ky)
-                                              + np.linalg.norm(b))  # fmt: skip
+    residual = np.linalg.norm(W @ ky - b) / (
+        np.linalg.norm(W, 2) * np.linalg.norm(ky) + np.linalg.norm(b)
+    )
     assert residual <= 1e-14
     np.testing.assert_allclose(ky, np.linalg.solve(W, b), rtol=1e-7, atol=1e-8 * np.linalg.norm(b))
 
@@ -58,8 +58,14 @@ def test_w_steps_converge_at_their_order_for_any_w_matrix(method, jacobian_in_w,
         return 3.0 * jnp.cos(3.0 * x) * jnp.ones(d) / d
 
     y0 = rng.normal(size=d)
-    exact = solve_ivp(lambda x, y: np.asarray(field(x, y)), (0.0, 1.0), y0, method="DOP853",
-                      rtol=1e-13, atol=1e-13).y[:, -1]  # fmt: skip
+    exact = solve_ivp(
+        lambda x, y: np.asarray(field(x, y)),
+        (0.0, 1.0),
+        y0,
+        method="DOP853",
+        rtol=1e-13,
+        atol=1e-13,
+    ).y[:, -1]
 
     @functools.partial(jax.jit, static_argnums=0)
     def integrate(steps):
@@ -75,8 +81,14 @@ def test_w_steps_converge_at_their_order_for_any_w_matrix(method, jacobian_in_w,
     # Measured: ROS2 1.79 / 1.88 (A the stiff part: still leaving the stiff regime), 1.93 /
     # 1.97; ROS34PW2 2.93 / 2.96, 3.08 / 3.04.
     assert orders[-1] > order - 0.2 and orders[0] > order - 0.3, (errors, orders)
-    local = [float(np.linalg.norm(step(field, V, field_rate(0.0), 0.0, jnp.asarray(y0), h,
-                                       field(0.0, y0))[2])) for h in (0.004, 0.002)]  # fmt: skip
+    local = [
+        float(
+            np.linalg.norm(
+                step(field, V, field_rate(0.0), 0.0, jnp.asarray(y0), h, field(0.0, y0))[2]
+            )
+        )
+        for h in (0.004, 0.002)
+    ]
     assert np.log2(local[0] / local[1]) > order - 0.3, local
 
 
@@ -98,20 +110,31 @@ def test_projected_in_row_space_matches_the_projector(rng):
     V = rng.normal(size=(11, 3))
     expected = rows @ np.asarray(jax.vmap(project, in_axes=1, out_axes=1)(jnp.asarray(V)))
     scale = np.abs(rows @ V).max()
-    np.testing.assert_allclose(np.asarray(in_rows(jnp.asarray(rows @ V))), expected,
-                               atol=1e-12 * scale)  # fmt: skip
-    np.testing.assert_allclose(np.asarray(in_rows(jnp.asarray(rows @ V[:, 0]))), expected[:, 0],
-                               atol=1e-12 * scale)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(in_rows(jnp.asarray(rows @ V))), expected, atol=1e-12 * scale
+    )
+    np.testing.assert_allclose(
+        np.asarray(in_rows(jnp.asarray(rows @ V[:, 0]))), expected[:, 0], atol=1e-12 * scale
+    )
     # The active rows are projected out exactly.
     assert np.abs(expected[active]).max() <= 1e-12 * scale
 
 
 @pytest.mark.parametrize("iterations", [300, FISTA_ITERATIONS, 0])
-@pytest.mark.parametrize("k, conditioning, rank_deficient",
-                         [(4, 0.0, False), (16, 1.0, False), (64, 3.0, False), (128, 0.0, False),
-                          (64, 3.0, True), (128, 1.0, True)])  # fmt: skip
-def test_box_qp_matches_scipy_bounded_least_squares(k, conditioning, rank_deficient, iterations,
-                                                    rng):
+@pytest.mark.parametrize(
+    "k, conditioning, rank_deficient",
+    [
+        (4, 0.0, False),
+        (16, 1.0, False),
+        (64, 3.0, False),
+        (128, 0.0, False),
+        (64, 3.0, True),
+        (128, 1.0, True),
+    ],
+)
+def test_box_qp_matches_scipy_bounded_least_squares(
+    k, conditioning, rank_deficient, iterations, rng
+):
     """box_qp(C^T C, C^T d) is the bounded least-squares problem min ||C b + d|| that
     scipy.optimize.lsq_linear solves independently; compared at the optimum's objective (the
     argmin need not be unique) and its residual vector (which is). Column scales spread by
@@ -129,12 +152,21 @@ def test_box_qp_matches_scipy_bounded_least_squares(k, conditioning, rank_defici
         lo = np.where(rng.random(k) < 0.3, 0.0, -rng.random(k))
         hi = rng.random(k) + 0.1
         free = rng.random(k) < 0.9
-        b = np.asarray(box_qp(jnp.asarray(C.T @ C), jnp.asarray(C.T @ d), jnp.asarray(lo),
-                              jnp.asarray(hi), jnp.asarray(free), iterations))  # fmt: skip
+        b = np.asarray(
+            box_qp(
+                jnp.asarray(C.T @ C),
+                jnp.asarray(C.T @ d),
+                jnp.asarray(lo),
+                jnp.asarray(hi),
+                jnp.asarray(free),
+                iterations,
+            )
+        )
         assert np.all(b >= np.where(free, lo, 0.0) - 1e-15)
         assert np.all(b <= np.where(free, hi, 0.0) + 1e-15)
-        reference = lsq_linear(C[:, free], -d, bounds=(lo[free], hi[free]), tol=1e-14,
-                               method="bvls").x  # fmt: skip
+        reference = lsq_linear(
+            C[:, free], -d, bounds=(lo[free], hi[free]), tol=1e-14, method="bvls"
+        ).x
         ours, theirs = C @ b + d, C[:, free] @ reference + d
         assert ours @ ours <= theirs @ theirs + 1e-10 * max(theirs @ theirs, 1e-6 * d @ d)
         np.testing.assert_allclose(ours, theirs, atol=1e-6 * np.linalg.norm(d))
@@ -162,8 +194,9 @@ def test_kink_crossing_guesses_land_past_the_kink():
     assert float(z_at(h_quad)[1]) == pytest.approx(0.5 * landing, abs=1e-14)
     _, _, h_linear = ros.kink_crossings(z0, z_at(h), free, landing, h)
     start, end = np.abs(np.asarray(z0)), np.abs(np.asarray(z_at(h)))
-    assert float(h_linear) == pytest.approx(float(np.min(
-        h * (start[:2] + 0.5 * landing) / (start[:2] + end[:2]))), rel=1e-12)
+    assert float(h_linear) == pytest.approx(
+        float(np.min(h * (start[:2] + 0.5 * landing) / (start[:2] + end[:2]))), rel=1e-12
+    )
 
 
 def test_landing_band_bounds_the_snap_by_the_tolerance():
@@ -196,8 +229,15 @@ def test_kink_step_reports_more_kinks_than_slots():
     on_kinks = int(jnp.sum(z == 0.0))  # those three, and units some examples leave dead
     margins_and_grads = per_example_margins(predictor, unravel, X, y)
     for candidates, overflow in ((on_kinks - 1, True), (on_kinks, False)):
-        step = ros.kink_step(geometry, margins_and_grads, ros.Clock(False, 3),
-                             ros.RosenbrockOptions(candidates=candidates), 0.0, w, z)
+        step = ros.kink_step(
+            geometry,
+            margins_and_grads,
+            ros.Clock(False, 3),
+            ros.RosenbrockOptions(candidates=candidates),
+            0.0,
+            w,
+            z,
+        )
         assert bool(step.overflow) is overflow
     assert codes.STATUS_MESSAGES[codes.TOO_MANY_KINKS].startswith("more ReLU")
 
@@ -209,8 +249,9 @@ def test_exp_trapezoid_exact_for_linear_exponents():
     assert float(ros.exp_trapezoid(h, 1.0, 1.0 + 1e-12)) == pytest.approx(h * np.e, rel=1e-11)
 
 
-@pytest.mark.parametrize("slopes", [(0.3, -0.2), (-2.0, 1.5), (-3.0, -5.0), (40.0, 55.0),
-                                    (3e3, 3.3e3), (1e6, 1.02e6)])
+@pytest.mark.parametrize(
+    "slopes", [(0.3, -0.2), (-2.0, 1.5), (-3.0, -5.0), (40.0, 55.0), (3e3, 3.3e3), (1e6, 1.02e6)]
+)
 def test_log_exp_integral_against_mpmath(slopes):
     """ln of the integral of exp(cubic) over a step, from boundary layers (slope 1e6: width 1e-6
     in a step of 0.05) to nearly flat exponents; mpmath's tanh-sinh quadrature at 30 digits,
@@ -225,12 +266,21 @@ def test_log_exp_integral_against_mpmath(slopes):
 
     def phi(x):
         t = x / h
-        return ((2 * t**3 - 3 * t**2 + 1) * phi_a + (t**3 - 2 * t**2 + t) * h * dphi_a
-                + (-2 * t**3 + 3 * t**2) * phi_b + (t**3 - t**2) * h * dphi_b)  # fmt: skip
+        return (
+            (2 * t**3 - 3 * t**2 + 1) * phi_a
+            + (t**3 - 2 * t**2 + t) * h * dphi_a
+            + (-2 * t**3 + 3 * t**2) * phi_b
+            + (t**3 - t**2) * h * dphi_b
+        )
 
-    points = sorted({mpmath.mpf(0), mpmath.mpf(h)} | {
-        mpmath.mpf(h) - mpmath.mpf(k) / abs(dphi_b) for k in (1000, 100, 30, 10, 3, 1)
-        if k / abs(dphi_b) < h})  # fmt: skip
+    points = sorted(
+        {mpmath.mpf(0), mpmath.mpf(h)}
+        | {
+            mpmath.mpf(h) - mpmath.mpf(k) / abs(dphi_b)
+            for k in (1000, 100, 30, 10, 3, 1)
+            if k / abs(dphi_b) < h
+        }
+    )
     value = mpmath.quad(lambda x: mpmath.exp(phi(x) - phi_b), points)
     ours = float(ros.log_exp_integral(h, phi_a, phi_b, dphi_a, dphi_b))
     assert ours == pytest.approx(phi_b + float(mpmath.log(value)), abs=1e-11)
@@ -244,8 +294,16 @@ def _unit(v):
 @pytest.mark.slow  # tests/test_limit.py takes the same run on to beta = 1e300, in make test
 def test_linear_soudry_reaches_the_svm_direction_at_beta_1e12():
     X, y = jm.soudry_dataset(0)
-    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, beta_max=1e12,
-                                solver="rosenbrock", rtol=1e-8, max_steps=200_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        jm.linear(),
+        (jnp.zeros(2),),
+        X,
+        y,
+        beta_max=1e12,
+        solver="rosenbrock",
+        rtol=1e-8,
+        max_steps=200_000,
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     assert float(solution.rho[-1]) == pytest.approx(1e12, rel=1e-9)
     direction = _unit(solution.params[0][-1])
@@ -260,8 +318,9 @@ def test_linear_random_data_reaches_the_svm_direction(dim, rng):
     X = rng.normal(size=(n, dim))
     y = np.sign(X @ rng.normal(size=dim))
     params0 = (jnp.asarray(0.1 * rng.normal(size=dim)),)
-    solution = jm.gradient_flow(jm.linear(), params0, X, y, beta_max=1e12, solver="rosenbrock",
-                                rtol=1e-8, max_steps=300_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        jm.linear(), params0, X, y, beta_max=1e12, solver="rosenbrock", rtol=1e-8, max_steps=300_000
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     direction = _unit(solution.params[0][-1])
     assert np.linalg.norm(direction - jm.svm_direction(X, y).direction) <= 1e-8
@@ -274,9 +333,16 @@ def test_deep_linear_depth2_reaches_the_svm_direction(rng):
     y = np.sign(X @ rng.normal(size=dim))
     predictor = jm.deep_linear(2, 5)
     params0 = predictor.init(jax.random.key(1), dim)
-    solution = jm.gradient_flow(predictor, params0, jnp.asarray(X), jnp.asarray(y),
-                                beta_max=1e12, solver="rosenbrock", rtol=1e-6,
-                                max_steps=300_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        params0,
+        jnp.asarray(X),
+        jnp.asarray(y),
+        beta_max=1e12,
+        solver="rosenbrock",
+        rtol=1e-6,
+        max_steps=300_000,
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     last = jax.tree.map(lambda a: a[-1], solution.params)
     direction = _unit(predictor.end_to_end(last))
@@ -292,8 +358,16 @@ def test_deep_linear_depth3_reaches_the_svm_direction():
     X, y = linearly_separable(0, 40, 10)
     predictor = jm.deep_linear(3, 5)
     params0 = predictor.init(jax.random.key(1), 10)
-    solution = jm.gradient_flow(predictor, params0, jnp.asarray(X), jnp.asarray(y), beta_max=1e10,
-                                solver="rosenbrock", rtol=1e-6, max_steps=400_000)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        params0,
+        jnp.asarray(X),
+        jnp.asarray(y),
+        beta_max=1e10,
+        solver="rosenbrock",
+        rtol=1e-6,
+        max_steps=400_000,
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     last = jax.tree.map(lambda a: a[-1], solution.params)
     distance = np.linalg.norm(_unit(predictor.end_to_end(last)) - jm.svm_direction(X, y).direction)
@@ -316,8 +390,9 @@ def test_tau_clock_and_t0_event_match_diffrax(rng):
     X, y = jm.soudry_dataset(0)
     X, y = jnp.asarray(X), jnp.asarray(y)
     params0 = (jnp.array([-0.3, 0.1]),)
-    reference = jm.gradient_flow(jm.linear(), params0, X, y, s_max=1.0, solver="dopri8",
-                                 rtol=1e-12, atol=1e-14)  # fmt: skip
+    reference = jm.gradient_flow(
+        jm.linear(), params0, X, y, s_max=1.0, solver="dopri8", rtol=1e-12, atol=1e-14
+    )
     w0, unravel = ravel_pytree(params0)
     margins_and_grads = per_example_margins(jm.linear(), unravel, X, y)
 
@@ -325,11 +400,19 @@ def test_tau_clock_and_t0_event_match_diffrax(rng):
         return margins_and_grads(w, None)[0]
 
     out = ros.integrate(
-        ros.Clock(False, 1), margins, margins_and_grads, None,
-        ros.RosenbrockOptions(tol=1e-10), 0.0, w0, jnp.zeros(2), 1e4,
-        jnp.geomspace(1e-6, 1.0, 8) * 1e4, 100_000,
+        ros.Clock(False, 1),
+        margins,
+        margins_and_grads,
+        None,
+        ros.RosenbrockOptions(tol=1e-10),
+        0.0,
+        w0,
+        jnp.zeros(2),
+        1e4,
+        jnp.geomspace(1e-6, 1.0, 8) * 1e4,
+        100_000,
         event=lambda w: -jax.nn.logsumexp(-margins(w)),
-    )  # fmt: skip
+    )
     assert int(out.outcome) == ros.EVENT
     assert float(out.x) == pytest.approx(float(reference.status.tau0), rel=1e-6)
     # t0 in exponential-loss time: ln t0 from the quadrature of dt/dtau = 1/L.
@@ -356,9 +439,12 @@ def test_branch_gates_select_linear_pieces():
     z0 = predictor.kinks.preactivations(params, x)[0]
     unit = int(jnp.argmin(jnp.abs(z0)))
     direction = jnp.zeros_like(params[0]).at[unit].set(-jnp.sign(z0[unit]) * x / (x @ x))
-    values = [predictor.kinks.gated_apply((params[0] + t * direction,) + params[1:], x, gates,
-                                          branch=True)
-              for t in (0.0, 1.0 * abs(z0[unit]), 2.0 * abs(z0[unit]))]  # fmt: skip
+    values = [
+        predictor.kinks.gated_apply(
+            (params[0] + t * direction,) + params[1:], x, gates, branch=True
+        )
+        for t in (0.0, 1.0 * abs(z0[unit]), 2.0 * abs(z0[unit]))
+    ]
     assert float(values[2] - values[1]) == pytest.approx(float(values[1] - values[0]), rel=1e-10)
     crossed = (params[0] + 2.0 * abs(z0[unit]) * direction,) + params[1:]
     assert float(predictor.kinks.preactivations(crossed, x)[0][unit]) * float(z0[unit]) < 0
@@ -374,21 +460,36 @@ def _relu_phase2_problem():
     y = jnp.sign(X.sum(axis=1))
     predictor = jm.relu_mlp(2, 6)
     params0 = predictor.init(k_w, 3)
-    loose = dict(rtol=1e-4, atol=1e-6, max_steps=5000, num_saves=8,
-                 sliding=jm.SlidingOptions(candidates=8, threshold=1e-3))
+    loose = dict(
+        rtol=1e-4,
+        atol=1e-6,
+        max_steps=5000,
+        num_saves=8,
+        sliding=jm.SlidingOptions(candidates=8, threshold=1e-3),
+    )
     probe = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, **loose)
     assert bool(probe.status.separated), probe.status.message
     s0 = float(probe.status.s0)
-    start = jax.tree.map(lambda a: a[-1], jm.gradient_flow(predictor, params0, X, y,
-                                                           s_max=s0 + 0.05, **loose).params)
+    start = jax.tree.map(
+        lambda a: a[-1], jm.gradient_flow(predictor, params0, X, y, s_max=s0 + 0.05, **loose).params
+    )
     return predictor, start, X, y, s0 + 0.5
 
 
 @functools.lru_cache(maxsize=1)
 def _relu_phase2_w_method():
     predictor, start, X, y, target = _relu_phase2_problem()
-    solution = jm.gradient_flow(predictor, start, X, y, s_max=target, solver="rosenbrock",
-                                rtol=1e-8, max_steps=100_000, num_saves=40)  # fmt: skip
+    solution = jm.gradient_flow(
+        predictor,
+        start,
+        X,
+        y,
+        s_max=target,
+        solver="rosenbrock",
+        rtol=1e-8,
+        max_steps=100_000,
+        num_saves=40,
+    )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     return solution
 
@@ -409,8 +510,9 @@ def _fixed_step_euler_soft_margin(predictor, start, X, y, target, dt):
 
     @jax.jit
     def run(w):
-        w_end, w_prev = jax.lax.while_loop(lambda c: jm.log_norm(c[0]) < target,
-                                           lambda c: (c[0] - dt * grad(c[0]), c[0]), (w, w))
+        w_end, w_prev = jax.lax.while_loop(
+            lambda c: jm.log_norm(c[0]) < target, lambda c: (c[0] - dt * grad(c[0]), c[0]), (w, w)
+        )
         a, b = jm.log_norm(w_prev), jm.log_norm(w_end)
         fraction = (target - a) / (b - a)
         return (1.0 - fraction) * soft(w_prev) + fraction * soft(w_end)
@@ -430,8 +532,10 @@ def test_relu_phase2_matches_fixed_step_euler():
     0.0338592, 0.0338592489, 0.0338592964). The explicit engine is NOT this close with its
     default sliding band: see test_explicit_engine_band_error_on_the_same_problem."""
     predictor, start, X, y, target = _relu_phase2_problem()
-    reference = [_fixed_step_euler_soft_margin(predictor, start, X, y, target, dt)
-                 for dt in (7.8125e-6, 3.90625e-6)]  # fmt: skip
+    reference = [
+        _fixed_step_euler_soft_margin(predictor, start, X, y, target, dt)
+        for dt in (7.8125e-6, 3.90625e-6)
+    ]
     assert reference[0] == pytest.approx(reference[1], rel=2e-7)  # Euler has converged
     ours = float(_relu_phase2_w_method().soft_margin[-1])
     print(f"soft margin at s0 + 0.5: W-method {ours:.10f}, Euler {reference}")
@@ -448,9 +552,18 @@ def test_explicit_engine_band_error_on_the_same_problem():
     reference = _fixed_step_euler_soft_margin(predictor, start, X, y, target, 3.90625e-6)
     errors = []
     for threshold in (1e-4, 1e-6):
-        solution = jm.gradient_flow(predictor, start, X, y, s_max=target, rtol=1e-8, atol=1e-10,
-                                    max_steps=100_000, num_saves=40,
-                                    sliding=jm.SlidingOptions(threshold=threshold))  # fmt: skip
+        solution = jm.gradient_flow(
+            predictor,
+            start,
+            X,
+            y,
+            s_max=target,
+            rtol=1e-8,
+            atol=1e-10,
+            max_steps=100_000,
+            num_saves=40,
+            sliding=jm.SlidingOptions(threshold=threshold),
+        )
         assert solution.status.code == codes.REACHED_TARGET, solution.status.message
         errors.append(abs(float(solution.soft_margin[-1]) / reference - 1.0))
     print(f"explicit engine, relative error of gamma~ at s0 + 0.5: {errors}")

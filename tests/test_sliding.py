@@ -21,8 +21,12 @@ def _gated_velocity(predictor, unravel, X, y, w, weights_fn, near_index, shapes,
         alpha = jnp.zeros(size).at[near_index].set(alpha_near)
         gates, offset = [], 0
         for n, width in shapes:  # the pre-activations are flattened layer by layer
-            gates.append((mask[offset:offset + n * width].reshape(n, width),
-                          alpha[offset:offset + n * width].reshape(n, width)))  # fmt: skip
+            gates.append(
+                (
+                    mask[offset : offset + n * width].reshape(n, width),
+                    alpha[offset : offset + n * width].reshape(n, width),
+                )
+            )
             offset += n * width
 
         def margins(flat):
@@ -50,8 +54,9 @@ def test_sliding_velocity_is_the_min_norm_clarke_element(depth, threshold):
     z = np.concatenate([np.asarray(a).ravel() for a in layers])
     near = np.flatnonzero(np.abs(z) / np.abs(z).mean() < threshold)
     assert 6 <= near.size <= options.candidates  # a wide band: many pairs count as on a kink
-    g_of = _gated_velocity(predictor, unravel, X, y, w, weights_fn, near,
-                           [a.shape for a in layers], z.size)  # fmt: skip
+    g_of = _gated_velocity(
+        predictor, unravel, X, y, w, weights_fn, near, [a.shape for a in layers], z.size
+    )
     start = (z[near] > 0).astype(float)
     C = np.asarray(jax.jacfwd(g_of)(jnp.asarray(start)))
     d = np.asarray(g_of(jnp.asarray(start))) - C @ start
@@ -60,5 +65,6 @@ def test_sliding_velocity_is_the_min_norm_clarke_element(depth, threshold):
     interior = int(np.sum((alpha > 1e-9) & (alpha < 1 - 1e-9)))
     assert interior >= 1  # some pairs slide: the element is not the autodiff one
     assert int(velocity.num_sliding) == interior
-    np.testing.assert_allclose(np.asarray(velocity.g), reference,
-                               atol=1e-9 * np.abs(reference).max())  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(velocity.g), reference, atol=1e-9 * np.abs(reference).max()
+    )

@@ -89,8 +89,9 @@ def _start_four_devices(case, out_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(4 * NUM_DEVICES))
     env.pop("XLA_FLAGS", None)
     command = [sys.executable, str(Path(__file__).resolve()), case, str(out_path)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(child, out_path) -> dict:
@@ -117,14 +118,19 @@ def _assert_same(got: dict, want: dict, got_prefix, want_prefix, rows):
     """got[got_prefix.*][rows] equal want[want_prefix.*][rows] to 1e-12 (on valid points)."""
     valid = want[f"{want_prefix}.valid"][rows]
     for name in ("valid", "code", "steps"):
-        np.testing.assert_array_equal(got[f"{got_prefix}.{name}"][rows],
-                                      want[f"{want_prefix}.{name}"][rows],
-                                      err_msg=f"{got_prefix}.{name}")  # fmt: skip
+        np.testing.assert_array_equal(
+            got[f"{got_prefix}.{name}"][rows],
+            want[f"{want_prefix}.{name}"][rows],
+            err_msg=f"{got_prefix}.{name}",
+        )
     for name in [name for name in FIELDS if name != "valid"] + ["params0", "params1"]:
         np.testing.assert_allclose(
-            got[f"{got_prefix}.{name}"][rows][valid], want[f"{want_prefix}.{name}"][rows][valid],
-            rtol=1e-12, atol=1e-12, err_msg=f"{got_prefix}.{name}",
-        )  # fmt: skip
+            got[f"{got_prefix}.{name}"][rows][valid],
+            want[f"{want_prefix}.{name}"][rows][valid],
+            rtol=1e-12,
+            atol=1e-12,
+            err_msg=f"{got_prefix}.{name}",
+        )
 
 
 def test_sweep_matches_batch(tmp_path):
@@ -135,8 +141,9 @@ def test_sweep_matches_batch(tmp_path):
         six = _take(params, slice(0, 6))
         here = _references(predictor, six, datasets)
         Xs, ys = _per_seed_data(datasets)
-        one = sweep_gradient_flow(predictor, six, Xs, ys, batched_data=True,
-                                  devices=jax.devices()[:1], **OPTIONS)  # fmt: skip
+        one = sweep_gradient_flow(
+            predictor, six, Xs, ys, batched_data=True, devices=jax.devices()[:1], **OPTIONS
+        )
     except BaseException:
         child.kill()
         raise
@@ -200,8 +207,13 @@ def test_relu_sliding_sweep_on_two_devices():
     """ReLU with sliding (the box QP inside the solver loop) on 2 emulated devices of a machine
     that may have only 2 cores: once a deadlock in the batched eigvalsh, now it must finish and
     equal the one-device batch; 5 seeds (one padded)."""
-    done = subprocess.run([sys.executable, "-c", RELU_SLIDING_CHILD], capture_output=True,
-                          text=True, check=False, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", RELU_SLIDING_CHILD],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 2 and result["codes"] == [0] * 5

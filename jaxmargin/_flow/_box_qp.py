@@ -35,12 +35,16 @@ def box_qp(H, c, lo, hi, free, iterations):
         i, b, v, t, _ = state
         b_next = project(v - 2.0 * (H @ v + c) / lipschitz)
         t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-        return (i + 1, b_next, b_next + ((t - 1.0) / t_next) * (b_next - b), t_next,
-                jnp.max(jnp.abs(b_next - b)))  # fmt: skip
+        return (
+            i + 1,
+            b_next,
+            b_next + ((t - 1.0) / t_next) * (b_next - b),
+            t_next,
+            jnp.max(jnp.abs(b_next - b)),
+        )
 
     # Stops early once an iteration moves b by less than `STALL` of the box: the active-set
-    # finish then solves exactly from the set it found. (Most QPs of a flow are small and easy; the loop
-    # costs ~1 us an iteration, which was 40% of a phase-1 field evaluation at 500 iterations.)
+    # finish then solves exactly from the set it found (most QPs of a flow are small and easy).
     stall = STALL * jnp.max(hi - lo)
 
     def moving(state):
@@ -77,13 +81,15 @@ def _active_set_finish(H, c, lo, hi, free, b):
         i, b, fixed, _ = state
         inner = movable & ~fixed
         system = jnp.where(inner[:, None] & inner[None, :], H + ridge, jnp.eye(k, dtype=H.dtype))
-        target = jnp.linalg.solve(system, jnp.where(inner, -(c + H @ jnp.where(inner, 0.0, b)),
-                                                    0.0))  # fmt: skip
+        target = jnp.linalg.solve(
+            system, jnp.where(inner, -(c + H @ jnp.where(inner, 0.0, b)), 0.0)
+        )
         direction = jnp.where(inner, target - b, 0.0)
-        to_bound = jnp.where(direction < 0, (lo - b) / jnp.where(direction < 0, direction, 1.0),
-                             jnp.where(direction > 0,
-                                       (hi - b) / jnp.where(direction > 0, direction, 1.0),
-                                       jnp.inf))  # fmt: skip
+        to_bound = jnp.where(
+            direction < 0,
+            (lo - b) / jnp.where(direction < 0, direction, 1.0),
+            jnp.where(direction > 0, (hi - b) / jnp.where(direction > 0, direction, 1.0), jnp.inf),
+        )
         to_bound = jnp.where(inner, jnp.maximum(to_bound, 0.0), jnp.inf)
         blocking = jnp.argmin(to_bound)
         blocked = to_bound[blocking] < 1.0
@@ -96,13 +102,16 @@ def _active_set_finish(H, c, lo, hi, free, b):
         # <= 0); the most violated one is released.
         gradient = H @ moved + c
         scale = jnp.abs(c) + jnp.abs(H) @ jnp.abs(moved) + 1e-300  # of each gradient entry
-        violation = jnp.where(movable & fixed,
-                              jnp.where(moved <= lo, -gradient, gradient) / scale,
-                              -jnp.inf)  # fmt: skip
+        violation = jnp.where(
+            movable & fixed, jnp.where(moved <= lo, -gradient, gradient) / scale, -jnp.inf
+        )
         worst = jnp.argmax(violation)
         release = ~blocked & (violation[worst] > 1e-12)
-        fixed = jnp.where(blocked, fixed.at[blocking].set(True),
-                          jnp.where(release, fixed.at[worst].set(False), fixed))  # fmt: skip
+        fixed = jnp.where(
+            blocked,
+            fixed.at[blocking].set(True),
+            jnp.where(release, fixed.at[worst].set(False), fixed),
+        )
         return i + 1, moved, fixed, blocked | release
 
     def going(state):

@@ -32,9 +32,15 @@ B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 # Dormand-Prince's dense output (Shampine 1986, as diffrax's Dopri5): the midpoint weights.
-_C_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2,
-          -2691868925 / 45128329728 / 2, 187940372067 / 1594534317056 / 2,
-          -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # fmt: skip
+_C_MID = (
+    6025192743 / 30085553152 / 2,
+    0.0,
+    51252292925 / 65400821598 / 2,
+    -2691868925 / 45128329728 / 2,
+    187940372067 / 1594534317056 / 2,
+    -1776094331 / 19743644256 / 2,
+    11237099 / 235043384 / 2,
+)
 # first_root_of_any: grid points that bracket the first root, then Illinois iterations.
 _ROOT_GRID, _ROOT_ITERATIONS = 8, 12
 
@@ -82,11 +88,15 @@ def first_root_of_any(g_at, g0, relevant, fallback):
         # The end kept twice in a row has its value halved (the Illinois modification).
         ga = jnp.where(past & (kept == 1), 0.5 * ga, ga)
         gb = jnp.where(~past & (kept == -1), 0.5 * gb, gb)
-        return (jnp.where(past, ua, u), jnp.where(past, ga, g), jnp.where(past, u, ub),
-                jnp.where(past, g, gb), jnp.where(past, 1, -1))  # fmt: skip
+        return (
+            jnp.where(past, ua, u),
+            jnp.where(past, ga, g),
+            jnp.where(past, u, ub),
+            jnp.where(past, g, gb),
+            jnp.where(past, 1, -1),
+        )
 
-    ua, ga, ub, gb, _ = jax.lax.fori_loop(0, _ROOT_ITERATIONS, illinois,
-                                          (ua, ga[k], ub, gb[k], 0))  # fmt: skip
+    ua, ga, ub, gb, _ = jax.lax.fori_loop(0, _ROOT_ITERATIONS, illinois, (ua, ga[k], ub, gb[k], 0))
     best = jnp.where(jnp.abs(gb) <= jnp.abs(ga), ub, ua)
     return jnp.where(found, best, jnp.minimum(fallback, 1.0))
 
@@ -142,8 +152,7 @@ def _upward_crossing(g, dtype):
         past = g(mid) > 0
         return jnp.where(past, lo, mid), jnp.where(past, mid, hi)
 
-    _, hi = jax.lax.fori_loop(0, _BISECTIONS, halve,
-                              (jnp.zeros((), dtype), jnp.ones((), dtype)))  # fmt: skip
+    _, hi = jax.lax.fori_loop(0, _BISECTIONS, halve, (jnp.zeros((), dtype), jnp.ones((), dtype)))
     return hi
 
 
@@ -196,28 +205,55 @@ def integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps) -> EventI
         # diffrax's rule: an accepted step is not followed by a shorter one, a rejected one is
         # redone at most _SAFETY times as long.
         factor = _SAFETY * jnp.where(err > 0, err, 1e-10) ** -0.2
-        factor = jnp.clip(factor, jnp.where(accept, 1.0, _FACTOR_MIN),
-                          jnp.where(accept, _FACTOR_MAX, _SAFETY))  # fmt: skip
+        factor = jnp.clip(
+            factor, jnp.where(accept, 1.0, _FACTOR_MIN), jnp.where(accept, _FACTOR_MAX, _SAFETY)
+        )
         steps, rejected = c.steps + accept, c.rejected + ~accept
         outcome = jnp.select(
-            [crossed, accept & (x_stop >= x_end), steps + rejected >= max_steps,
-             h * factor < 1e-14 * (1.0 + jnp.abs(c.x))],
-            [_EVENT, _END, _OUT_OF_STEPS, _FAILED], _RUNNING)  # fmt: skip
+            [
+                crossed,
+                accept & (x_stop >= x_end),
+                steps + rejected >= max_steps,
+                h * factor < 1e-14 * (1.0 + jnp.abs(c.x)),
+            ],
+            [_EVENT, _END, _OUT_OF_STEPS, _FAILED],
+            _RUNNING,
+        )
         return _Carry(
-            x=jnp.where(accept, x_stop, c.x), y=jnp.where(accept, y_stop, c.y),
-            K=jnp.where(accept, K.at[0].set(K[6]), K), started=jnp.asarray(True),
-            h=h * factor, ys=ys, saved=c.saved | at_save, steps=steps, rejected=rejected,
+            x=jnp.where(accept, x_stop, c.x),
+            y=jnp.where(accept, y_stop, c.y),
+            K=jnp.where(accept, K.at[0].set(K[6]), K),
+            started=jnp.asarray(True),
+            h=h * factor,
+            ys=ys,
+            saved=c.saved | at_save,
+            steps=steps,
+            rejected=rejected,
             outcome=outcome,
-        )  # fmt: skip
+        )
 
     zero = jnp.zeros((), jnp.int32)
     carry = _Carry(
-        x=jnp.zeros((), dtype), y=y0, K=jnp.zeros((7,) + y0.shape, dtype),
-        started=jnp.asarray(False), h=jnp.zeros((), dtype),
-        ys=jnp.broadcast_to(y0, (S,) + y0.shape), saved=jnp.zeros(S, bool),
-        steps=zero, rejected=zero, outcome=jnp.where(x_end > 0, _RUNNING, _END),
-    )  # fmt: skip
+        x=jnp.zeros((), dtype),
+        y=y0,
+        K=jnp.zeros((7,) + y0.shape, dtype),
+        started=jnp.asarray(False),
+        h=jnp.zeros((), dtype),
+        ys=jnp.broadcast_to(y0, (S,) + y0.shape),
+        saved=jnp.zeros(S, bool),
+        steps=zero,
+        rejected=zero,
+        outcome=jnp.where(x_end > 0, _RUNNING, _END),
+    )
     out = jax.lax.while_loop(lambda c: c.outcome == _RUNNING, body, carry)
-    return EventIntegration(out.saved, out.ys, out.x, out.y, out.outcome == _EVENT,
-                            out.outcome == _OUT_OF_STEPS, out.outcome == _FAILED, out.steps,
-                            out.rejected)  # fmt: skip
+    return EventIntegration(
+        out.saved,
+        out.ys,
+        out.x,
+        out.y,
+        out.outcome == _EVENT,
+        out.outcome == _OUT_OF_STEPS,
+        out.outcome == _FAILED,
+        out.steps,
+        out.rejected,
+    )

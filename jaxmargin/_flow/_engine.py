@@ -22,13 +22,11 @@ from jax.flatten_util import ravel_pytree
 
 from .._margins import log_norm
 from .._validation import check_all
-from . import _solution as S
+from . import _dormand_prince as dp
 from . import _limit as lim
 from . import _pipeline
-from . import _dormand_prince as dp
 from . import _rosenbrock as ros
-from ._kink_geometry import kink_geometry, per_example_margins
-from ._sliding import SlidingOptions, make_velocity
+from . import _solution as S
 from ._fields import (
     PolarState,
     SeedState,
@@ -39,9 +37,16 @@ from ._fields import (
     seed_field,
     seed_velocity,
 )
+from ._kink_geometry import kink_geometry, per_example_margins
+from ._sliding import SlidingOptions, make_velocity
 
-SOLVERS = {"tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8, "dopri5": diffrax.Dopri5,
-           "heun": diffrax.Heun, "bosh3": diffrax.Bosh3}  # fmt: skip
+SOLVERS = {
+    "tsit5": diffrax.Tsit5,
+    "dopri8": diffrax.Dopri8,
+    "dopri5": diffrax.Dopri5,
+    "heun": diffrax.Heun,
+    "bosh3": diffrax.Bosh3,
+}
 # Phase 2 with the linearly implicit Rosenbrock-W integrator of _rosenbrock.py (stiff regime,
 # beta >> 1); phase 1 then runs Dormand-Prince 5(4) on _dormand_prince.py (one field in its
 # compiled program). Why Dormand-Prince: on the reference problem (L = 3, rtol 1e-6) diffrax's
@@ -54,9 +59,13 @@ ROSENBROCK = "rosenbrock"
 _STALL_BETA, _STALL_STEP = 1e8, 1e-5
 # limit_beta="auto": where the limit flow takes over (see gradient_flow).
 _AUTO_LIMIT_BETA, _AUTO_LIMIT_BETA_KINKS = 1e10, 1e6
-_OUTCOME_CODES = {ros.REACHED_END: S.REACHED_TARGET, ros.CONVERGED: S.DIRECTION_CONVERGED,
-                  ros.OUT_OF_STEPS: S.MAX_STEPS, ros.FAILED: S.SOLVER_FAILED,
-                  ros.KINK_OVERFLOW: S.TOO_MANY_KINKS}  # fmt: skip
+_OUTCOME_CODES = {
+    ros.REACHED_END: S.REACHED_TARGET,
+    ros.CONVERGED: S.DIRECTION_CONVERGED,
+    ros.OUT_OF_STEPS: S.MAX_STEPS,
+    ros.FAILED: S.SOLVER_FAILED,
+    ros.KINK_OVERFLOW: S.TOO_MANY_KINKS,
+}
 
 
 class _Static(NamedTuple):
@@ -96,12 +105,21 @@ def _record(
 ) -> S.FlowSolution:
     log_loss, soft, hard = margins_summary(degree, s, q)
     return S.FlowSolution(
-        s=s, tau=tau, log_t=log_t, rho=jnp.exp(s), log_loss=log_loss, soft_margin=soft,
-        hard_margin=hard, params=unravel(params_flat),
+        s=s,
+        tau=tau,
+        log_t=log_t,
+        rho=jnp.exp(s),
+        log_loss=log_loss,
+        soft_margin=soft,
+        hard_margin=hard,
+        params=unravel(params_flat),
         # diffrax pads unused save slots with inf, so every saved leaf is a float.
-        phase=jnp.asarray(phase, jnp.float64), log_half_drho2_dtau=log_abs_lhs,
-        sign_half_drho2_dtau=sign_lhs, valid=jnp.asarray(1.0), status=None,
-    )  # fmt: skip
+        phase=jnp.asarray(phase, jnp.float64),
+        log_half_drho2_dtau=log_abs_lhs,
+        sign_half_drho2_dtau=sign_lhs,
+        valid=jnp.asarray(1.0),
+        status=None,
+    )
 
 
 class _SeedRun(NamedTuple):
@@ -125,9 +143,17 @@ def _seed_record(margin_fn, velocity_fn, unravel, degree):
         theta = state.w * jnp.exp(-log_rho)
         half_drho2 = state.w @ velocity
         return _record(
-            degree, unravel, log_rho, tau, jnp.log(state.t), margin_fn(theta), state.w, 1,
-            jnp.log(jnp.abs(half_drho2)), jnp.sign(half_drho2),
-        )  # fmt: skip
+            degree,
+            unravel,
+            log_rho,
+            tau,
+            jnp.log(state.t),
+            margin_fn(theta),
+            state.w,
+            1,
+            jnp.log(jnp.abs(half_drho2)),
+            jnp.sign(half_drho2),
+        )
 
     return record
 
@@ -173,15 +199,24 @@ def _phase1_diffrax(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end
         max_steps=static.max_steps,
         throw=False,
     )
-    ended = [sol.result == r for r in (diffrax.RESULTS.successful,
-                                       diffrax.RESULTS.event_occurred,
-                                       diffrax.RESULTS.max_steps_reached)]  # fmt: skip
+    ended = [
+        sol.result == r
+        for r in (
+            diffrax.RESULTS.successful,
+            diffrax.RESULTS.event_occurred,
+            diffrax.RESULTS.max_steps_reached,
+        )
+    ]
     return _SeedRun(
         records=_concatenate(sol.ys[0], sol.ys[1]),
-        final=jax.tree.map(lambda leaf: leaf[0], sol.ys[2]), tau_final=sol.ts[2][0],
-        event=ended[1], out_of_steps=ended[2], failed=~(ended[0] | ended[1] | ended[2]),
-        steps=sol.stats["num_accepted_steps"], rejected=sol.stats["num_rejected_steps"],
-    )  # fmt: skip
+        final=jax.tree.map(lambda leaf: leaf[0], sol.ys[2]),
+        tau_final=sol.ts[2][0],
+        event=ended[1],
+        out_of_steps=ended[2],
+        failed=~(ended[0] | ended[1] | ended[2]),
+        steps=sol.stats["num_accepted_steps"],
+        rejected=sol.stats["num_rejected_steps"],
+    )
 
 
 def _phase1_dopri(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end) -> _SeedRun:
@@ -198,28 +233,37 @@ def _phase1_dopri(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end) 
 
     y0 = jnp.concatenate([w0, jnp.zeros(1, w0.dtype)])
     save_ts = _phase1_save_ts(static, tau_end)
-    out = dp.integrate(flat_field, separated, y0, tau_end, save_ts, static.rtol, static.atol,
-                       static.max_steps)  # fmt: skip
+    out = dp.integrate(
+        flat_field, separated, y0, tau_end, save_ts, static.rtol, static.atol, static.max_steps
+    )
     taus = jnp.concatenate([save_ts, out.x[None]])
     reached = jnp.concatenate([out.saved, jnp.ones(1, bool)])
     # Rows not reached are recorded at y0 (finite) and then set to inf, as diffrax pads them.
     ys = jnp.where(reached[:, None], jnp.concatenate([out.ys, out.y[None]]), y0)
     record = _seed_record(margin_fn, velocity_fn, unravel, degree)
     # lax.map, not vmap: the records' velocity is compiled once, unbatched.
-    records = jax.lax.map(lambda row: record(row[0], SeedState(row[1][:-1], row[1][-1]), None),
-                          (taus, ys))  # fmt: skip
+    records = jax.lax.map(
+        lambda row: record(row[0], SeedState(row[1][:-1], row[1][-1]), None), (taus, ys)
+    )
     records = jax.tree.map(
         lambda leaf: jnp.where(reached.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, jnp.inf),
-        records)  # fmt: skip
+        records,
+    )
     return _SeedRun(
-        records=records, final=SeedState(out.y[:-1], out.y[-1]), tau_final=out.x,
-        event=out.event, out_of_steps=out.out_of_steps, failed=out.failed, steps=out.steps,
+        records=records,
+        final=SeedState(out.y[:-1], out.y[-1]),
+        tau_final=out.x,
+        event=out.event,
+        out_of_steps=out.out_of_steps,
+        failed=out.failed,
+        steps=out.steps,
         rejected=out.rejected,
-    )  # fmt: skip
+    )
 
 
-def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end,
-            direction_tol):
+def _phase2(
+    static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, tau1, s_end, direction_tol
+):
     del margin_fn
     s0 = log_norm(w1)
     state0 = PolarState(w1 * jnp.exp(-s0), tau1, log_t_loss1)
@@ -229,9 +273,17 @@ def _phase2(static, margin_fn, velocity_fn, unravel, degree, w1, log_t_loss1, ta
         pol = polar_quantities(velocity_fn, degree, s, state.theta)
         log_loss, _, _ = margins_summary(degree, s, pol.q)
         return _record(
-            degree, unravel, s, state.tau, state.log_t_loss - log_loss, pol.q,
-            jnp.exp(s) * pol.theta, 2, 2.0 * s - pol.log_dtau_ds, jnp.ones_like(s),
-        )  # fmt: skip
+            degree,
+            unravel,
+            s,
+            state.tau,
+            state.log_t_loss - log_loss,
+            pol.q,
+            jnp.exp(s) * pol.theta,
+            2,
+            2.0 * s - pol.log_dtau_ds,
+            jnp.ones_like(s),
+        )
 
     def converged(t, y, args, **kwargs):
         del args, kwargs
@@ -288,28 +340,44 @@ def _w_method(static, predictor, unravel, X, y, phase1: _Phase1, direction_tol) 
     # set by its error test). ROS2 for the smooth models: on diagonal nets ROS34PW2's steps
     # collapse from beta ~ 7e7 (the minimum-margin examples swap within a step) and its last
     # point before the stall left gamma~ 5e-5 low (issue 5's note, 2026-11-29).
-    options = ros.RosenbrockOptions(tol=static.rtol, method="ros2" if geometry is None
-                                    else "ros34pw2")  # fmt: skip
+    options = ros.RosenbrockOptions(
+        tol=static.rtol, method="ros2" if geometry is None else "ros34pw2"
+    )
     s0 = log_norm(w1)
     theta0 = w1 * jnp.exp(-s0)
     # A run that starts separated sets its clock t at the quasi-steady value (see there).
-    log_t_loss0 = jnp.where(phase1.start_separated,
-                            ros.quasi_steady_log_t_loss(clock, margins_and_grads, s0, theta0),
-                            phase1.log_t_loss1)  # fmt: skip
+    log_t_loss0 = jnp.where(
+        phase1.start_separated,
+        ros.quasi_steady_log_t_loss(clock, margins_and_grads, s0, theta0),
+        phase1.log_t_loss1,
+    )
     # Phase 2 switches to the beta -> infinity limit flow (_limit.py) at limit_beta, or earlier,
     # from beta = 1e8 on, where the W-method's steps stall (its linearised softmax then flips
     # between minimum-margin examples within a step: diagonal nets at beta ~ 2e8).
     branch_margins_and_grads = per_example_margins(predictor, unravel, X, y, branch=True)
     use_limit = static.limit_beta is not None
     s_switch = math.log(static.limit_beta) / degree if use_limit else math.inf
-    stall = (min(math.log(_STALL_BETA), math.log(static.limit_beta)) / degree,
-             _STALL_STEP) if use_limit else None  # fmt: skip
+    stall = (
+        (min(math.log(_STALL_BETA), math.log(static.limit_beta)) / degree, _STALL_STEP)
+        if use_limit
+        else None
+    )
     run = ros.integrate(
-        clock, lambda w: margins_and_grads(w, None)[0], margins_and_grads, geometry, options, s0,
-        theta0, jnp.stack([phase1.tau1, log_t_loss0]), jnp.minimum(phase1.s_end, s_switch),
-        _save_ss(static, s0, phase1.s_end), static.max_steps, direction_tol=direction_tol,
-        branch_margins_and_grads=branch_margins_and_grads, stall=stall,
-    )  # fmt: skip
+        clock,
+        lambda w: margins_and_grads(w, None)[0],
+        margins_and_grads,
+        geometry,
+        options,
+        s0,
+        theta0,
+        jnp.stack([phase1.tau1, log_t_loss0]),
+        jnp.minimum(phase1.s_end, s_switch),
+        _save_ss(static, s0, phase1.s_end),
+        static.max_steps,
+        direction_tol=direction_tol,
+        branch_margins_and_grads=branch_margins_and_grads,
+        stall=stall,
+    )
     return _WMethod(run, s0)
 
 
@@ -322,8 +390,9 @@ def _continues_in_limit(w: _WMethod, s_end):
     return ((run.outcome == ros.REACHED_END) | (run.outcome == ros.STALLED)) & (s_end > run.x)
 
 
-def _rosenbrock_rows(static, predictor, unravel, X, y, phase1: _Phase1, w: _WMethod,
-                     limit: ros.Integration | None) -> _Rows:
+def _rosenbrock_rows(
+    static, predictor, unravel, X, y, phase1: _Phase1, w: _WMethod, limit: ros.Integration | None
+) -> _Rows:
     """Phase 2's rows from the W-method and the limit flow, in the diffrax path's layout."""
     degree = predictor.degree
     margins_and_grads = per_example_margins(predictor, unravel, X, y)
@@ -344,14 +413,25 @@ def _rosenbrock_rows(static, predictor, unravel, X, y, phase1: _Phase1, w: _WMet
         q = margins(theta)
         log_loss, _, _ = margins_summary(degree, s, q)
         log_dtau_ds = ros.log_clock_rate(clock, margins, s, theta)
-        row = _record(degree, unravel, s, aux[0], aux[1] - log_loss, q, jnp.exp(s) * theta, 2,
-                      2.0 * s - log_dtau_ds, jnp.ones_like(s))  # fmt: skip
+        row = _record(
+            degree,
+            unravel,
+            s,
+            aux[0],
+            aux[1] - log_loss,
+            q,
+            jnp.exp(s) * theta,
+            2,
+            2.0 * s - log_dtau_ds,
+            jnp.ones_like(s),
+        )
         # Unused rows are inf, as diffrax pads them.
         return jax.tree.map(lambda leaf: jnp.where(saved, leaf, jnp.inf), row)
 
     records = jax.vmap(record)(out.xs, out.ys, out.auxs, out.saved)
-    code = jnp.select([outcome == k for k in _OUTCOME_CODES], list(_OUTCOME_CODES.values()),
-                      S.SOLVER_FAILED)  # fmt: skip
+    code = jnp.select(
+        [outcome == k for k in _OUTCOME_CODES], list(_OUTCOME_CODES.values()), S.SOLVER_FAILED
+    )
     return _Rows(records, code, steps, rejected, w.s0)
 
 
@@ -365,8 +445,12 @@ def _merge_rows(finite_beta, limit, use_limit):
     def pick(a, b):
         return jnp.concatenate([a, b])[order]
 
-    return finite_beta._replace(xs=xs[order], ys=pick(finite_beta.ys, limit.ys),
-                                auxs=pick(finite_beta.auxs, limit.auxs), saved=saved[order])
+    return finite_beta._replace(
+        xs=xs[order],
+        ys=pick(finite_beta.ys, limit.ys),
+        auxs=pick(finite_beta.auxs, limit.auxs),
+        saved=saved[order],
+    )
 
 
 def _concatenate(first, second):
@@ -412,11 +496,19 @@ def _stage_phase1(static: _Static, params0, X, y, tau_max, s_target) -> _Phase1:
     run_phase2 = separated & (s_target > s1)
     s_end = jnp.where(run_phase2, s_target, s1 + 1e-9 * (1.0 + jnp.abs(s1)))
     return _Phase1(
-        records=run.records, steps=run.steps, rejected=run.rejected,
-        out_of_steps=run.out_of_steps, failed=run.failed,
-        start_separated=start_separated, separated=separated, w1=w1, tau1=tau1,
-        log_t_loss1=log_t_loss1, run_phase2=run_phase2, s_end=s_end,
-    )  # fmt: skip
+        records=run.records,
+        steps=run.steps,
+        rejected=run.rejected,
+        out_of_steps=run.out_of_steps,
+        failed=run.failed,
+        start_separated=start_separated,
+        separated=separated,
+        w1=w1,
+        tau1=tau1,
+        log_t_loss1=log_t_loss1,
+        run_phase2=run_phase2,
+        s_end=s_end,
+    )
 
 
 def _stage_phase2(static: _Static, params0, X, y, phase1: _Phase1, direction_tol):
@@ -428,26 +520,38 @@ def _stage_phase2(static: _Static, params0, X, y, phase1: _Phase1, direction_tol
     margin_fn = make_margin_fn(predictor, unravel, X, y)
     velocity_fn = make_velocity(predictor, unravel, X, y, static.sliding)
     sol2, s0 = _phase2(
-        static, margin_fn, velocity_fn, unravel, predictor.degree, phase1.w1, phase1.log_t_loss1,
-        phase1.tau1, phase1.s_end, direction_tol,
-    )  # fmt: skip
+        static,
+        margin_fn,
+        velocity_fn,
+        unravel,
+        predictor.degree,
+        phase1.w1,
+        phase1.log_t_loss1,
+        phase1.tau1,
+        phase1.s_end,
+        direction_tol,
+    )
     code = jnp.select(
-        [sol2.result == diffrax.RESULTS.event_occurred,
-         sol2.result == diffrax.RESULTS.max_steps_reached,
-         sol2.result == diffrax.RESULTS.successful],
+        [
+            sol2.result == diffrax.RESULTS.event_occurred,
+            sol2.result == diffrax.RESULTS.max_steps_reached,
+            sol2.result == diffrax.RESULTS.successful,
+        ],
         [S.DIRECTION_CONVERGED, S.MAX_STEPS, S.REACHED_TARGET],
         S.SOLVER_FAILED,
-    )  # fmt: skip
-    return _Rows(sol2.ys[0], code, sol2.stats["num_accepted_steps"],
-                 sol2.stats["num_rejected_steps"], s0)  # fmt: skip
+    )
+    return _Rows(
+        sol2.ys[0], code, sol2.stats["num_accepted_steps"], sol2.stats["num_rejected_steps"], s0
+    )
 
 
 def _has_limit_stage(static: _Static):
     return static.solver == ROSENBROCK and static.limit_beta is not None
 
 
-def _stage_limit(static: _Static, params0, X, y, phase1: _Phase1, phase2: _WMethod,
-                 direction_tol) -> ros.Integration:
+def _stage_limit(
+    static: _Static, params0, X, y, phase1: _Phase1, phase2: _WMethod, direction_tol
+) -> ros.Integration:
     """Phase 2 from the W-method's end on the beta -> infinity limit flow (a run of no steps
     where the W-method did not hand over)."""
     predictor = static.predictor
@@ -458,10 +562,18 @@ def _stage_limit(static: _Static, params0, X, y, phase1: _Phase1, phase2: _WMeth
     # With kinks the limit flow freezes the activation pattern within a step (branch values).
     limit_margins = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
     return lim.integrate(
-        limit_margins, predictor.degree, lim.LimitOptions(tol=static.rtol), run.x, run.y,
-        run.aux[0], jnp.where(go_on, s_end, run.x), _save_ss(static, phase2.s0, s_end),
-        jnp.maximum(static.max_steps - run.steps - run.rejected, 1), direction_tol, geometry,
-    )  # fmt: skip
+        limit_margins,
+        predictor.degree,
+        lim.LimitOptions(tol=static.rtol),
+        run.x,
+        run.y,
+        run.aux[0],
+        jnp.where(go_on, s_end, run.x),
+        _save_ss(static, phase2.s0, s_end),
+        jnp.maximum(static.max_steps - run.steps - run.rejected, 1),
+        direction_tol,
+        geometry,
+    )
 
 
 def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
@@ -469,25 +581,32 @@ def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
     predictor = static.predictor
     _, unravel = ravel_pytree(params0)
     margin_fn = make_margin_fn(predictor, unravel, X, y)
-    start_separated, separated, run_phase2 = (phase1.start_separated, phase1.separated,
-                                              phase1.run_phase2)  # fmt: skip
+    start_separated, separated, run_phase2 = (
+        phase1.start_separated,
+        phase1.separated,
+        phase1.run_phase2,
+    )
     log_t_loss1 = phase1.log_t_loss1
     if static.solver == ROSENBROCK:
         rows2 = _rosenbrock_rows(static, predictor, unravel, X, y, phase1, phase2, limit)
-        log_t_loss1 = jnp.where(start_separated,
-                                rows2.records.log_t[0] + rows2.records.log_loss[0],
-                                log_t_loss1)  # fmt: skip
+        log_t_loss1 = jnp.where(
+            start_separated, rows2.records.log_t[0] + rows2.records.log_loss[0], log_t_loss1
+        )
     else:
         rows2 = phase2
 
     records = _concatenate(phase1.records, rows2.records)
     in_phase2 = jnp.arange(records.s.shape[0]) >= static.saves_phase1
-    valid = jnp.isfinite(records.s) & jnp.isfinite(records.tau) & jnp.where(
-        in_phase2, run_phase2, ~start_separated
+    valid = (
+        jnp.isfinite(records.s)
+        & jnp.isfinite(records.tau)
+        & jnp.where(in_phase2, run_phase2, ~start_separated)
     )
     records = records._replace(valid=valid, phase=jnp.where(valid, records.phase, 0).astype(int))
-    finite = jnp.all(jnp.stack([jnp.isfinite(records.soft_margin), jnp.isfinite(records.log_t)])
-                     | ~records.valid[None])  # fmt: skip
+    finite = jnp.all(
+        jnp.stack([jnp.isfinite(records.soft_margin), jnp.isfinite(records.log_t)])
+        | ~records.valid[None]
+    )
     code = jnp.select(
         [
             ~separated & phase1.out_of_steps,
@@ -498,7 +617,7 @@ def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
         ],
         [S.MAX_STEPS, S.SOLVER_FAILED, S.NOT_SEPARATED, S.SOLVER_FAILED, S.REACHED_TARGET],
         rows2.code,
-    )  # fmt: skip
+    )
     valid_soft = jnp.where(records.valid, records.soft_margin, -jnp.inf)
     status = S.FlowStatus(
         code=code,
@@ -507,10 +626,9 @@ def _stage_rows(static: _Static, params0, X, y, phase1: _Phase1, phase2, limit):
         rejected_steps=jnp.stack([phase1.rejected, rows2.rejected]),
         tau0=jnp.where(separated, phase1.tau1, jnp.nan),
         s0=jnp.where(separated, rows2.s0, jnp.nan),
-        log_t0=jnp.where(separated,
-                         log_t_loss1 - jax.nn.logsumexp(-margin_fn(phase1.w1)), jnp.nan),
+        log_t0=jnp.where(separated, log_t_loss1 - jax.nn.logsumexp(-margin_fn(phase1.w1)), jnp.nan),
         best_soft_margin=jnp.max(valid_soft),
-    )  # fmt: skip
+    )
     return records._replace(status=status)
 
 
@@ -529,8 +647,16 @@ def _chain(static: _Static, call, params0, X, y, tau_max, s_target, direction_to
 @functools.partial(jax.jit, static_argnums=0)
 def _solve(static: _Static, params0, X, y, tau_max, s_target, direction_tol):
     """The whole run as one program (vmapped by gradient_flow_batch and the sweep)."""
-    return _chain(static, lambda stage, *args: stage(static, *args), params0, X, y, tau_max,
-                  s_target, direction_tol)  # fmt: skip
+    return _chain(
+        static,
+        lambda stage, *args: stage(static, *args),
+        params0,
+        X,
+        y,
+        tau_max,
+        s_target,
+        direction_tol,
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -619,11 +745,29 @@ def gradient_flow(
     """
     predictor, X, y, s_target = _prepare(predictor, params0, X, y, beta_max, s_max, tau_max, False)
     _check_not_rest_point(predictor, params0, batched=False)
-    static = _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol,
-                     sliding, limit_beta, s_target)  # fmt: skip
+    static = _static(
+        predictor,
+        num_saves,
+        max_steps,
+        solver,
+        rtol,
+        atol,
+        direction_tol,
+        sliding,
+        limit_beta,
+        s_target,
+    )
     params0 = tuple(jnp.asarray(leaf, jnp.float64) for leaf in params0)
-    out = _pipeline.run(static, functools.partial(_chain, static), params0, X, y, tau_max,
-                        s_target, _tol(direction_tol))  # fmt: skip
+    out = _pipeline.run(
+        static,
+        functools.partial(_chain, static),
+        params0,
+        X,
+        y,
+        tau_max,
+        s_target,
+        _tol(direction_tol),
+    )
     keep = np.asarray(out.valid)
     rows = jax.tree.map(lambda a: a[keep], out._replace(status=None))
     return rows._replace(status=out.status)
@@ -649,11 +793,17 @@ def static_from_options(predictor, options: dict, direction_tol, s_target) -> _S
     """The static config from gradient_flow_batch-style keyword options (consumed); the same
     defaults as gradient_flow. Unknown options raise a TypeError."""
     static = _static(
-        predictor, options.pop("num_saves", 200), options.pop("max_steps", 100_000),
-        options.pop("solver", "tsit5"), options.pop("rtol", 1e-8), options.pop("atol", 1e-10),
-        direction_tol, options.pop("sliding", SlidingOptions()), options.pop("limit_beta", "auto"),
+        predictor,
+        options.pop("num_saves", 200),
+        options.pop("max_steps", 100_000),
+        options.pop("solver", "tsit5"),
+        options.pop("rtol", 1e-8),
+        options.pop("atol", 1e-10),
+        direction_tol,
+        options.pop("sliding", SlidingOptions()),
+        options.pop("limit_beta", "auto"),
         s_target,
-    )  # fmt: skip
+    )
     if options:
         raise TypeError(f"unknown options {sorted(options)}")
     return static
@@ -663,11 +813,20 @@ def _tol(direction_tol):
     return jnp.asarray(0.0 if direction_tol is None else direction_tol, jnp.float64)
 
 
-def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, sliding,
-            limit_beta, s_target):
+def _static(
+    predictor,
+    num_saves,
+    max_steps,
+    solver,
+    rtol,
+    atol,
+    direction_tol,
+    sliding,
+    limit_beta,
+    s_target,
+):
     if solver not in SOLVERS and solver != ROSENBROCK:
-        raise ValueError(
-            f"solver must be one of {sorted(SOLVERS) + [ROSENBROCK]}, got {solver!r}")
+        raise ValueError(f"solver must be one of {sorted(SOLVERS) + [ROSENBROCK]}, got {solver!r}")
     if num_saves < 8:
         raise ValueError(f"num_saves must be at least 8, got {num_saves}")
     if max_steps < 1:
@@ -675,19 +834,31 @@ def _static(predictor, num_saves, max_steps, solver, rtol, atol, direction_tol, 
     if limit_beta == "auto":
         limit_beta = _AUTO_LIMIT_BETA_KINKS if predictor.kinks is not None else _AUTO_LIMIT_BETA
     if limit_beta is not None and not (
-            isinstance(limit_beta, (int, float)) and 1e6 <= limit_beta < math.inf):
+        isinstance(limit_beta, (int, float)) and 1e6 <= limit_beta < math.inf
+    ):
         # Below ~1e6 the O(1/beta) error of the limit flow is no longer negligible (and its
         # quasi-steady clock ln(t L) assumes d(-ln L)/ds >> 1).
         raise ValueError(
-            f'limit_beta must be "auto", None or a finite number >= 1e6, got {limit_beta!r}')
+            f'limit_beta must be "auto", None or a finite number >= 1e6, got {limit_beta!r}'
+        )
     if solver != ROSENBROCK or (
-            limit_beta is not None
-            and predictor.degree * s_target <= math.log(min(limit_beta, _STALL_BETA))):
+        limit_beta is not None
+        and predictor.degree * s_target <= math.log(min(limit_beta, _STALL_BETA))
+    ):
         # No limit flow for this solver or model, or the target is below any switch: leave it
         # out of the compiled program (and out of the static key, so runs to other targets
         # share one compilation).
         limit_beta = None
     phase1 = max(num_saves // 4, 2)
-    return _Static(predictor, phase1, num_saves - phase1, int(max_steps), solver, float(rtol),
-                   float(atol), direction_tol is not None, sliding,
-                   None if limit_beta is None else float(limit_beta))  # fmt: skip
+    return _Static(
+        predictor,
+        phase1,
+        num_saves - phase1,
+        int(max_steps),
+        solver,
+        float(rtol),
+        float(atol),
+        direction_tol is not None,
+        sliding,
+        None if limit_beta is None else float(limit_beta),
+    )

@@ -101,8 +101,8 @@ def polar_field(velocity_fn, degree):
         del args
         pol = polar_quantities(velocity_fn, degree, s, state.theta)
         # d(-ln L)/ds = beta ||g||^2 / (L p.q): the loss falls like exp(-beta gamma~).
-        log_loss_rate = degree * s + 2.0 * jnp.log(jnp.linalg.norm(pol.g)) - jnp.log(
-            degree * pol.pq
+        log_loss_rate = (
+            degree * s + 2.0 * jnp.log(jnp.linalg.norm(pol.g)) - jnp.log(degree * pol.pq)
         )
         d_log_t_loss = jnp.exp(pol.log_dtau_ds - state.log_t_loss) - jnp.exp(log_loss_rate)
         return PolarState(pol.dtheta_ds, jnp.exp(pol.log_dtau_ds), d_log_t_loss)

@@ -53,8 +53,10 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
     def one_z(w, x, gate=None):
         return jnp.concatenate([z.ravel() for z in kinks.preactivations(unravel(w), x, gate)])
 
-    widths = [s.shape[0] for s in jax.eval_shape(
-        lambda w: kinks.preactivations(unravel(w), X[0]), w_example)]  # fmt: skip
+    widths = [
+        s.shape[0]
+        for s in jax.eval_shape(lambda w: kinks.preactivations(unravel(w), X[0]), w_example)
+    ]
     per_example = sum(widths)
 
     def preactivations(w):
@@ -73,7 +75,7 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
         mask, alpha = mask.reshape(n, per_example), alpha.reshape(n, per_example)
         out, offset = [], 0
         for width in widths:
-            out.append((mask[:, offset:offset + width], alpha[:, offset:offset + width]))
+            out.append((mask[:, offset : offset + width], alpha[:, offset : offset + width]))
             offset += width
         return tuple(out)
 
@@ -85,5 +87,6 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
         zeros = tuple(jnp.zeros((n, width), w.dtype) for width in widths)
         return jnp.concatenate(jax.grad(weighted)(zeros), axis=1).ravel()
 
-    return KinkGeometry(n * per_example, len(widths), float(kinks.slope), preactivations, rows,
-                        gates, signal)
+    return KinkGeometry(
+        n * per_example, len(widths), float(kinks.slope), preactivations, rows, gates, signal
+    )

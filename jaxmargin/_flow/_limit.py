@@ -126,9 +126,9 @@ def _tangent_gradients(margins_and_grads, theta, geometry=None, kinks=None):
     q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
     tangents = _tangent(G, unit)
     if kinks is not None:
-        project = ros.tangent_projector(_tangent(geometry.rows(unit, kinks.slots, kinks.gates),
-                                                 unit),
-                                        kinks.hold)  # fmt: skip
+        project = ros.tangent_projector(
+            _tangent(geometry.rows(unit, kinks.slots, kinks.gates), unit), kinks.hold
+        )
         tangents = jax.vmap(project)(tangents)
     return unit, q, tangents, tangents @ tangents.T
 
@@ -148,25 +148,40 @@ def evaluate(margins_and_grads, degree, theta, active, geometry=None, kinks=None
     return _LimitField(dtheta, q, weights, q_min)
 
 
-def choose_active_set(margins_and_grads, degree, options: LimitOptions, theta, allowed_of,
-                      weights0, geometry=None, kinks=None):
+def choose_active_set(
+    margins_and_grads,
+    degree,
+    options: LimitOptions,
+    theta,
+    allowed_of,
+    weights0,
+    geometry=None,
+    kinks=None,
+):
     """Wolfe's min-norm point over the examples allowed_of(q) allows, warm-started from weights0
     (restricted to them): the field at theta."""
     _, q, tangents, gram = _tangent_gradients(margins_and_grads, theta, geometry, kinks)
-    weights, _ = wolfe(gram, allowed_of(q), weights0, options.wolfe_tol,
-                       options.wolfe_iterations)  # fmt: skip
+    weights, _ = wolfe(gram, allowed_of(q), weights0, options.wolfe_tol, options.wolfe_iterations)
     dtheta, q_min = _velocity(degree, q, tangents, weights)
     return _LimitField(dtheta, q, weights, q_min)
 
 
-def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowed_of, weights0,
-                 geometry: KinkGeometry | None):
+def choose_kinks(
+    margins_and_grads,
+    degree,
+    options: LimitOptions,
+    theta,
+    allowed_of,
+    weights0,
+    geometry: KinkGeometry | None,
+):
     """(field, kinks) at the start of a step: E and lambda by Wolfe, and with ReLU kinks the
     pairs on their kinks, their alphas and the sliding set, alternating Wolfe (alphas fixed) with
     the box QP and side test of the W-method (lambda fixed)."""
     if geometry is None:
-        return choose_active_set(margins_and_grads, degree, options, theta, allowed_of,
-                                 weights0), None  # fmt: skip
+        return choose_active_set(
+            margins_and_grads, degree, options, theta, allowed_of, weights0
+        ), None
     unit = theta / jnp.linalg.norm(theta)
     P = geometry.num_pairs
     k = min(options.candidates, P)
@@ -180,8 +195,14 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     alpha = jnp.where(z[slots] > 0, 1.0, 0.0).astype(theta.dtype)
 
     def step_kinks(alpha, hold):
-        return StepKinks(ros.frozen_gates(geometry, z, slots, on_slot, alpha), slots, hold,
-                         on_kink, alpha, overflow)  # fmt: skip
+        return StepKinks(
+            ros.frozen_gates(geometry, z, slots, on_slot, alpha),
+            slots,
+            hold,
+            on_kink,
+            alpha,
+            overflow,
+        )
 
     def wrong_way(field, kinks, rows):
         # Pairs of examples in E held by neither test whose rate leaves their kink on the
@@ -206,15 +227,25 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     def round_(state):
         rows, turned, field, kinks, index = state
         kinks = step_kinks(kinks.alpha, kinks.hold | turned)
-        field = choose_active_set(margins_and_grads, degree, options, unit, allowed_of,
-                                  field.weights, geometry, kinks)  # fmt: skip
+        field = choose_active_set(
+            margins_and_grads, degree, options, unit, allowed_of, field.weights, geometry, kinks
+        )
 
         def clarke(_):
             # One linearisation per round, at the last round's alphas: the alternation's
             # rounds are clarke_pairs' rounds for deeper nets.
             rows, alpha, hold = ros.clarke_pairs(
-                geometry, margins_and_grads, options, unit, lambda _: field.weights, slots,
-                on_slot, on_kink, alpha_at=kinks.alpha, rounds=1)  # fmt: skip
+                geometry,
+                margins_and_grads,
+                options,
+                unit,
+                lambda _: field.weights,
+                slots,
+                on_slot,
+                on_kink,
+                alpha_at=kinks.alpha,
+                rounds=1,
+            )
             return _tangent(rows, unit), jnp.zeros_like(turned), step_kinks(alpha, hold)
 
         def side_test(_):
@@ -226,12 +257,14 @@ def choose_kinks(margins_and_grads, degree, options: LimitOptions, theta, allowe
     def more(state):
         _, turned, _, _, index = state
         return (index <= _KINK_ROUNDS) | (
-            jnp.any(turned) & (index <= _KINK_ROUNDS + _WRONG_WAY_ROUNDS))
+            jnp.any(turned) & (index <= _KINK_ROUNDS + _WRONG_WAY_ROUNDS)
+        )
 
     kinks0 = step_kinks(alpha, jnp.zeros(k, bool))
     # Only its weights are read (Wolfe's warm start) before the first round sets it.
-    field0 = _LimitField(jnp.zeros_like(theta), jnp.zeros_like(weights0), weights0,
-                         jnp.zeros((), theta.dtype))  # fmt: skip
+    field0 = _LimitField(
+        jnp.zeros_like(theta), jnp.zeros_like(weights0), weights0, jnp.zeros((), theta.dtype)
+    )
     state = (jnp.zeros((k, theta.shape[0]), theta.dtype), jnp.zeros(k, bool), field0, kinks0, 0)
     _, _, field, kinks, _ = jax.lax.while_loop(more, round_, state)
     return field, kinks
@@ -246,13 +279,15 @@ def _held_pairs(geometry, kinks):
     return jnp.zeros(geometry.num_pairs, bool).at[kinks.slots].max(kinks.hold)
 
 
-def equalize(margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=None, held=None,
-             candidates=128):
+def equalize(
+    margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=None, held=None, candidates=128
+):
     """Unit theta with the margins of `active` all equal: the smallest move in the span of their
     tangent gradients, the common level free (Newton sweeps on q_i + <P grad q_i, delta> = c,
     sum of the coefficients 0: the optimality condition for c). The level is not prescribed
     because near a KKT point no move raises all the margins of E together. With kinks, the
     pairs in `held` (P,) are put back on z = 0 in the same solve (under the step's gates)."""
+
     def sweep(_, theta):
         unit = theta / jnp.linalg.norm(theta)
         q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
@@ -273,8 +308,7 @@ def equalize(margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=No
             top = jnp.concatenate([top, jnp.where(on, -z / norms, 0.0)])
         # G a + mu 1 = -q on E (z_k + <a_k, delta> = 0 on the held pairs), sum over E of a = 0:
         # the common level is c = -mu.
-        coefficients = bordered_solve(rows @ rows.T, support, top, 0.0, ridge=_RIDGE,
-                                      border=border)  # fmt: skip
+        coefficients = bordered_solve(rows @ rows.T, support, top, 0.0, ridge=_RIDGE, border=border)
         return unit + coefficients @ rows
 
     # A loop, not unrolled: one copy in the compiled program.
@@ -293,12 +327,17 @@ def _tau_increment(degree, s, h, q_min_a, dtheta_a, q_min_b, dtheta_b):
     L q_min ||dtheta/ds||^2. Why not the exponential trapezoid: over the steps that the saves no
     longer cut it was 4.6e-7 (relative) off in tau against the W-method (ReLU, L = 2, switch at
     beta = 1e6 vs the W-method to 1e8; 2.1e-8 with steps cut at the saves)."""
+
     def slope(dtheta):
         return -(degree - 2) - degree * (dtheta @ dtheta)
 
     log_increment = ros.log_exp_integral(
-        jnp.where(h > 0, h, 1.0), log_dtau_ds(degree, s, q_min_a),
-        log_dtau_ds(degree, s + h, q_min_b), slope(dtheta_a), slope(dtheta_b))  # fmt: skip
+        jnp.where(h > 0, h, 1.0),
+        log_dtau_ds(degree, s, q_min_a),
+        log_dtau_ds(degree, s + h, q_min_b),
+        slope(dtheta_a),
+        slope(dtheta_b),
+    )
     return jnp.where(h > 0, jnp.exp(log_increment), 0.0)
 
 
@@ -315,9 +354,20 @@ def quasi_steady_log_t_loss(degree, s, q_min, dtheta):
     return log_dtau_ds(degree, s, q_min) - log_rate - correction
 
 
-def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0, s_end,
-              save_xs, max_steps, direction_tol=0.0, geometry=None,
-              s_enter=None) -> ros.Integration:
+def integrate(
+    margins_and_grads,
+    degree,
+    options: LimitOptions,
+    s0,
+    theta0,
+    tau0,
+    s_end,
+    save_xs,
+    max_steps,
+    direction_tol=0.0,
+    geometry=None,
+    s_enter=None,
+) -> ros.Integration:
     """The limit flow from a point (s0, theta0) of the flow at finite beta to s_end, saving at
     the save_xs >= s0 (the entry point is the row at s0); aux = (tau, ln(t L)) as in the
     W-method. Stops early when ||dtheta/ds|| < direction_tol. With `geometry` (ReLU nets),
@@ -346,11 +396,13 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         def allowed_of(q):
             gap = q - jnp.min(q)
             near = gap <= options.touching * jnp.abs(jnp.min(q))
-            return jnp.where(entering, gap <= _SWITCH_GAP * jnp.exp(-log_beta_enter),
-                             near | (weights > 0))  # fmt: skip
+            return jnp.where(
+                entering, gap <= _SWITCH_GAP * jnp.exp(-log_beta_enter), near | (weights > 0)
+            )
 
-        return choose_kinks(margins_and_grads, degree, options, theta, allowed_of, weights,
-                            geometry)  # fmt: skip
+        return choose_kinks(
+            margins_and_grads, degree, options, theta, allowed_of, weights, geometry
+        )
 
     def aux_at(s, tau, field):
         return jnp.stack([tau, quasi_steady_log_t_loss(degree, s, field.q_min, field.dtheta)])
@@ -360,21 +412,31 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
     num_initial = jnp.sum(save_xs < s0)
     aux0 = jnp.stack([jnp.asarray(tau0, dtype), jnp.asarray(jnp.nan, dtype)])  # set on entry
     carry = ros._Carry(
-        x=jnp.asarray(s0, dtype), y=theta0, aux=aux0, z=weights0,
-        h=jnp.asarray(options.first_step, dtype), h_resume=jnp.zeros((), dtype),
+        x=jnp.asarray(s0, dtype),
+        y=theta0,
+        aux=aux0,
+        z=weights0,
+        h=jnp.asarray(options.first_step, dtype),
+        h_resume=jnp.zeros((), dtype),
         index=num_initial,
-        xs=jnp.where(save_xs <= s0, s0, save_xs), ys=jnp.broadcast_to(theta0, (S,) + theta0.shape),
-        auxs=jnp.broadcast_to(aux0, (S, 2)), saved=jnp.zeros(S, bool),
-        steps=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
-        outcome=jnp.where(s0 >= s_end, ros.REACHED_END, -1), max_sliding=jnp.zeros((), jnp.int32),
-        start=start0, fresh=jnp.asarray(True),
-    )  # fmt: skip
+        xs=jnp.where(save_xs <= s0, s0, save_xs),
+        ys=jnp.broadcast_to(theta0, (S,) + theta0.shape),
+        auxs=jnp.broadcast_to(aux0, (S, 2)),
+        saved=jnp.zeros(S, bool),
+        steps=jnp.zeros((), jnp.int32),
+        rejected=jnp.zeros((), jnp.int32),
+        outcome=jnp.where(s0 >= s_end, ros.REACHED_END, -1),
+        max_sliding=jnp.zeros((), jnp.int32),
+        start=start0,
+        fresh=jnp.asarray(True),
+    )
 
     def body(c: ros._Carry):
         entering = c.steps == 0  # the entry iteration (counted in steps, subtracted at the end)
         # The carry's z holds lambda (the W-method keeps pre-activations there).
-        F1, kinks = ros.reuse_after_rejection(c.fresh, lambda: start_field(c.y, c.z, entering),
-                                              c.start)  # fmt: skip
+        F1, kinks = ros.reuse_after_rejection(
+            c.fresh, lambda: start_field(c.y, c.z, entering), c.start
+        )
         active = F1.weights > WEIGHT_FLOOR
         # Steps end at s_end, not at the save grid (the saves come from the dense output).
         clipped = (c.h >= s_end - c.x) & ~entering
@@ -383,8 +445,14 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         # The stages in a loop (one field in the compiled program instead of six).
         def stage(i, state):
             K, _ = state
-            field = evaluate(margins_and_grads, degree, c.y + h * (jnp.asarray(A_MATRIX)[i] @ K),
-                             active, geometry, kinks)  # fmt: skip
+            field = evaluate(
+                margins_and_grads,
+                degree,
+                c.y + h * (jnp.asarray(A_MATRIX)[i] @ K),
+                active,
+                geometry,
+                kinks,
+            )
             return K.at[i].set(field.dtheta), field
 
         K0 = jnp.zeros((7,) + c.y.shape, dtype).at[0].set(F1.dtheta)
@@ -402,8 +470,9 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         truncated, h_done = jnp.asarray(False), h
         if geometry is not None:
             # z and dz/ds at the start (a JVP: the quadratic guess of kink_crossings).
-            z0, rate0 = jax.jvp(lambda t: geometry.preactivations(t / jnp.linalg.norm(t)),
-                                (c.y,), (F1.dtheta,))  # fmt: skip
+            z0, rate0 = jax.jvp(
+                lambda t: geometry.preactivations(t / jnp.linalg.norm(t)), (c.y,), (F1.dtheta,)
+            )
             in_e = jnp.repeat(active, pairs_per_example)
             side = jnp.zeros_like(z0).at[kinks.slots].set(jnp.where(kinks.alpha > 0.5, 1.0, -1.0))
             leaving = in_e & kinks.on_kink & ~_held_pairs(geometry, kinks)
@@ -416,8 +485,8 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
                 # s ~ 400), and a band relative to it alone asked for landings of 1e-14 (the
                 # step size collapsed).
                 return options.kink_landing * scale, jnp.maximum(
-                    options.on_kink * _unit_scale(z0, active.shape[0]),
-                    options.kink_landing * scale)  # fmt: skip
+                    options.on_kink * _unit_scale(z0, active.shape[0]), options.kink_landing * scale
+                )
 
             def kinks_at(z1, h):
                 """(crossed, landed, h_kink) for a step of size h ending at pre-activations z1."""
@@ -434,12 +503,16 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
                 # the tolerance is far wider than a step's travel, and pairs are held before
                 # they reach their kinks.
                 crossed, too_far, h_cross = ros.kink_crossings(
-                    z0, z1, in_e & ~kinks.on_kink, landing, h, rate0)
+                    z0, z1, in_e & ~kinks.on_kink, landing, h, rate0
+                )
                 back = leaving & (side * z1 < -0.5 * band)
                 back_too_far = leaving & (side * z1 < -band)
                 # A linear guess that ends 3/4 of the band past the kink, on the wrong side.
-                h_back = h * jnp.maximum(side * z0 + 0.75 * band, 1e-3 * band) / jnp.maximum(
-                    side * (z0 - z1), 1e-300)
+                h_back = (
+                    h
+                    * jnp.maximum(side * z0 + 0.75 * band, 1e-3 * band)
+                    / jnp.maximum(side * (z0 - z1), 1e-300)
+                )
                 h_kink = jnp.minimum(h_cross, jnp.min(jnp.where(back_too_far, h_back, jnp.inf)))
                 return crossed | back, ~jnp.any(too_far | back_too_far), h_kink
 
@@ -489,8 +562,15 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
             """(end point on E's equal margins and the held kinks, its field with the step's E
             (for the clocks: the next step's Wolfe call may change E, not the common margin),
             the gaps to the common margin)."""
-            theta_new = equalize(margins_and_grads, theta_new, active, geometry=geometry,
-                                 kinks=kinks, held=held, candidates=options.candidates)
+            theta_new = equalize(
+                margins_and_grads,
+                theta_new,
+                active,
+                geometry=geometry,
+                kinks=kinks,
+                held=held,
+                candidates=options.candidates,
+            )
             end = evaluate(margins_and_grads, degree, theta_new, active, geometry, kinks)
             if geometry is None:
                 gap1 = last.margins - last.q_min
@@ -516,16 +596,25 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         scale = jnp.abs(last.q_min)
         gap0 = F1.margins - F1.q_min
         crossed = ~active & (gap1 < -options.landing * scale) & (gap0 > gap1)
-        h_join = jnp.min(jnp.where(
-            crossed, h_done * (gap0 + 0.5 * options.landing * scale) / (gap0 - gap1), jnp.inf))
+        h_join = jnp.min(
+            jnp.where(
+                crossed, h_done * (gap0 + 0.5 * options.landing * scale) / (gap0 - gap1), jnp.inf
+            )
+        )
         left = active & (last.weights < -options.leaving)
-        h_leave = jnp.min(jnp.where(
-            left, h * (F1.weights + 0.5 * options.leaving) / (F1.weights - last.weights), jnp.inf))
+        h_leave = jnp.min(
+            jnp.where(
+                left,
+                h * (F1.weights + 0.5 * options.leaving) / (F1.weights - last.weights),
+                jnp.inf,
+            )
+        )
         h_land = jnp.minimum(jnp.minimum(h_join, h_leave), h_kink)
         landed = (~jnp.any(crossed) & ~jnp.any(left) & landed_kinks) | entering
 
-        tau_new = c.aux[0] + _tau_increment(degree, c.x, h_done, F1.q_min, F1.dtheta, end.q_min,
-                                            end.dtheta)  # fmt: skip
+        tau_new = c.aux[0] + _tau_increment(
+            degree, c.x, h_done, F1.q_min, F1.dtheta, end.q_min, end.dtheta
+        )
         x_new = jnp.where(clipped & ~truncated, s_end, c.x + h_done)
         aux_new = aux_at(x_new, tau_new, end)
         finite = finite & jnp.all(jnp.isfinite(aux_new))
@@ -534,17 +623,24 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         accept = accept & ~overflow
 
         factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** -0.2, 0.2, 5.0)
-        h_next, h_resume = ros.next_step(c, accept, clipped, h, factor, h_land,
-                                         (err <= 1.0) & finite)
+        h_next, h_resume = ros.next_step(
+            c, accept, clipped, h, factor, h_land, (err <= 1.0) & finite
+        )
         h_next = jnp.where(entering, c.h, h_next)
         num_held = jnp.sum(active) if geometry is None else jnp.sum(kinks.hold)
         new = c._replace(
-            x=jnp.where(accept, x_new, c.x), y=jnp.where(accept, theta_new, c.y),
-            aux=jnp.where(accept, aux_new, c.aux), z=jnp.where(accept, F1.weights, c.z),
-            h=h_next, h_resume=h_resume, steps=c.steps + accept, rejected=c.rejected + ~accept,
+            x=jnp.where(accept, x_new, c.x),
+            y=jnp.where(accept, theta_new, c.y),
+            aux=jnp.where(accept, aux_new, c.aux),
+            z=jnp.where(accept, F1.weights, c.z),
+            h=h_next,
+            h_resume=h_resume,
+            steps=c.steps + accept,
+            rejected=c.rejected + ~accept,
             max_sliding=jnp.maximum(c.max_sliding, num_held.astype(jnp.int32)),
-            start=(F1, kinks), fresh=accept,
-        )  # fmt: skip
+            start=(F1, kinks),
+            fresh=accept,
+        )
         # The save points the step passed: from the dense output, each put back on E's equal
         # margins and the held kinks (equalize; the dense output is off them by its error) with
         # clocks from the margins there. Why not steps cut at the save grid (as the W-method
@@ -564,14 +660,22 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
 
             def between(_):
                 u = (x_save - c.x) / h
-                theta = equalize(margins_and_grads, dense(u), active, geometry=geometry,
-                                 kinks=kinks, held=held_before, candidates=options.candidates)
+                theta = equalize(
+                    margins_and_grads,
+                    dense(u),
+                    active,
+                    geometry=geometry,
+                    kinks=kinks,
+                    held=held_before,
+                    candidates=options.candidates,
+                )
                 q = margins_and_grads(theta, None if kinks is None else kinks.gates)[0]
                 q_min = F1.weights @ q
                 rate = dense_rate(u) / h
                 dtheta = rate - (rate @ theta) * theta
-                tau = c.aux[0] + _tau_increment(degree, c.x, x_save - c.x, F1.q_min, F1.dtheta,
-                                                q_min, dtheta)  # fmt: skip
+                tau = c.aux[0] + _tau_increment(
+                    degree, c.x, x_save - c.x, F1.q_min, F1.dtheta, q_min, dtheta
+                )
                 log_t_loss = quasi_steady_log_t_loss(degree, x_save, q_min, dtheta)
                 return theta, jnp.stack([tau, log_t_loss])
 
@@ -581,12 +685,16 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
 
         new, at_save = jax.lax.while_loop(pending, save_next, (new, jnp.asarray(False)))
 
-        converged = ((direction_tol > 0) & (jnp.linalg.norm(F1.dtheta) < direction_tol)
-                     & ~entering)  # fmt: skip
+        converged = (direction_tol > 0) & (jnp.linalg.norm(F1.dtheta) < direction_tol) & ~entering
         collapsed = h_next < 1e-14 * (1.0 + jnp.abs(c.x))
         outcome = jnp.select(
-            [overflow, accept & (x_new >= s_end), converged, collapsed,
-             new.steps + new.rejected >= max_steps],
+            [
+                overflow,
+                accept & (x_new >= s_end),
+                converged,
+                collapsed,
+                new.steps + new.rejected >= max_steps,
+            ],
             [ros.KINK_OVERFLOW, ros.REACHED_END, ros.CONVERGED, ros.FAILED, ros.OUT_OF_STEPS],
             -1,
         )
@@ -598,5 +706,16 @@ def integrate(margins_and_grads, degree, options: LimitOptions, s0, theta0, tau0
         return new._replace(index=new.index + off_grid)
 
     out = jax.lax.while_loop(lambda c: c.outcome < 0, body, carry)
-    return ros.Integration(out.xs, out.ys, out.auxs, out.saved, out.x, out.y, out.aux, out.outcome,
-                           jnp.maximum(out.steps - 1, 0), out.rejected, out.max_sliding)
+    return ros.Integration(
+        out.xs,
+        out.ys,
+        out.auxs,
+        out.saved,
+        out.x,
+        out.y,
+        out.aux,
+        out.outcome,
+        jnp.maximum(out.steps - 1, 0),
+        out.rejected,
+        out.max_sliding,
+    )

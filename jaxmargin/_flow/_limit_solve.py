@@ -31,7 +31,6 @@ from ._engine import _OUTCOME_CODES
 from ._kink_geometry import kink_geometry, per_example_margins
 
 
-
 class LimitFlowSolution(NamedTuple):
     """Saved points of the limit flow: the start, the points of the save grid (even in s) it
     reached, and the last point if it stopped off the grid.
@@ -61,8 +60,18 @@ class LimitFlowSolution(NamedTuple):
         return S.STATUS_MESSAGES[self.code]
 
 
-def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | None = None,
-               num_saves: int = 100, max_steps: int = 100_000, rtol: float = 1e-8):
+def limit_flow(
+    predictor,
+    params,
+    X,
+    y,
+    *,
+    s_max: float,
+    direction_tol: float | None = None,
+    num_saves: int = 100,
+    max_steps: int = 100_000,
+    rtol: float = 1e-8,
+):
     """Integrate the beta -> infinity limit flow from the direction of `params` to s = s_max, or
     until ||dtheta/ds|| < direction_tol.
 
@@ -94,8 +103,9 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
     if direction_tol is not None and not direction_tol > 0:
         raise ValueError(f"direction_tol must be positive, got {direction_tol}")
     if num_saves < 2 or max_steps < 1 or not rtol > 0:
-        raise ValueError(f"need num_saves >= 2, max_steps >= 1, rtol > 0; got {num_saves}, "
-                         f"{max_steps}, {rtol}")  # fmt: skip
+        raise ValueError(
+            f"need num_saves >= 2, max_steps >= 1, rtol > 0; got {num_saves}, {max_steps}, {rtol}"
+        )
     w, unravel = ravel_pytree(tuple(jnp.asarray(leaf, jnp.float64) for leaf in params))
     s0 = float(log_norm(w))
     if not s_max > s0:
@@ -103,23 +113,41 @@ def limit_flow(predictor, params, X, y, *, s_max: float, direction_tol: float | 
     theta = w / jnp.linalg.norm(w)
     q = np.asarray(y * jax.vmap(predictor.apply, in_axes=(None, 0))(unravel(theta), X))
     if not np.min(q) > 0:
-        raise ValueError(f"the direction of params does not separate the data (min normalized "
-                         f"margin {np.min(q)})")  # fmt: skip
+        raise ValueError(
+            f"the direction of params does not separate the data (min normalized "
+            f"margin {np.min(q)})"
+        )
     tol = 0.0 if direction_tol is None else float(direction_tol)
-    out, field = _run(predictor, int(num_saves), int(max_steps), float(rtol), X, y,
-                      unravel(theta), s0, float(s_max), tol)  # fmt: skip
+    out, field = _run(
+        predictor,
+        int(num_saves),
+        int(max_steps),
+        float(rtol),
+        X,
+        y,
+        unravel(theta),
+        s0,
+        float(s_max),
+        tol,
+    )
     # The saved rows: the first is the entry point at s0 (see _limit.integrate).
     saved = np.asarray(out.saved)
     thetas = np.asarray(out.ys)[saved]
     ss = np.asarray(out.xs)[saved]
     directions = jax.vmap(unravel)(jnp.asarray(thetas))
-    margins = jax.vmap(lambda t: jnp.min(y * jax.vmap(predictor.apply, in_axes=(None, 0))(
-        unravel(t), X)))(jnp.asarray(thetas))  # fmt: skip
+    margins = jax.vmap(
+        lambda t: jnp.min(y * jax.vmap(predictor.apply, in_axes=(None, 0))(unravel(t), X))
+    )(jnp.asarray(thetas))
     return LimitFlowSolution(
-        ss, directions, np.asarray(margins),
-        float(jnp.linalg.norm(field.dtheta)), np.asarray(field.weights),
-        _OUTCOME_CODES.get(int(out.outcome), S.SOLVER_FAILED), int(out.steps), int(out.rejected),
-    )  # fmt: skip
+        ss,
+        directions,
+        np.asarray(margins),
+        float(jnp.linalg.norm(field.dtheta)),
+        np.asarray(field.weights),
+        _OUTCOME_CODES.get(int(out.outcome), S.SOLVER_FAILED),
+        int(out.steps),
+        int(out.rejected),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -134,8 +162,20 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     # far from the limit (small beta) begins with the examples nearest the minimum only.
     s_enter = jnp.maximum(s0, math.log(1e6) / degree)
     save_ss = jnp.linspace(s0, s_max, num_saves)
-    out = lim.integrate(margins_and_grads, degree, options, s0, theta, jnp.zeros(()), s_max,
-                        save_ss, max_steps, direction_tol, geometry, s_enter=s_enter)  # fmt: skip
+    out = lim.integrate(
+        margins_and_grads,
+        degree,
+        options,
+        s0,
+        theta,
+        jnp.zeros(()),
+        s_max,
+        save_ss,
+        max_steps,
+        direction_tol,
+        geometry,
+        s_enter=s_enter,
+    )
 
     # The field at the last point, E chosen afresh among the examples on the minimum.
     def on_minimum(q):
@@ -143,7 +183,8 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
 
     q, _ = margins_and_grads(out.y, None)
     start = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
-    field, _ = lim.choose_kinks(margins_and_grads, degree, options, out.y, on_minimum, start,
-                                geometry)  # fmt: skip
+    field, _ = lim.choose_kinks(
+        margins_and_grads, degree, options, out.y, on_minimum, start, geometry
+    )
     weights = jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0)
     return out, field._replace(weights=weights)

@@ -36,7 +36,8 @@ def _compiler() -> concurrent.futures.ThreadPoolExecutor:
     global _executor
     if _executor is None:
         _executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="jaxmargin-compile")
+            max_workers=1, thread_name_prefix="jaxmargin-compile"
+        )
     return _executor
 
 

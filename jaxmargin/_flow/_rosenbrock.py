@@ -48,12 +48,19 @@ GAMMA = 1.0 + 1.0 / math.sqrt(2.0)
 # (I - gamma h A) k_i = F(x + c_i h, y + h sum_j alpha_ij k_j) + h A sum_j gamma_ij k_j
 # + gamma_i h dF/dx, y_new = y + h sum_i b_i k_i, with gamma_i = gamma + sum_j gamma_ij.
 GAMMA_34 = 4.3586652150845900e-01
-_ALPHA = ((), (8.7173304301691801e-01,), (8.4457060015369423e-01, -1.1299064236484185e-01),
-          (0.0, 0.0, 1.0))
-_GAMMAS = ((), (-8.7173304301691801e-01,), (-9.0338057013044082e-01, 5.4180672388095326e-02),
-           (2.4212380706095346e-01, -1.2232505839045147e+00, 5.4526025533510214e-01))
-_B = (2.4212380706095346e-01, -1.2232505839045147e+00, 1.5452602553351020e+00,
-      4.3586652150845900e-01)
+_ALPHA = (
+    (),
+    (8.7173304301691801e-01,),
+    (8.4457060015369423e-01, -1.1299064236484185e-01),
+    (0.0, 0.0, 1.0),
+)
+_GAMMAS = (
+    (),
+    (-8.7173304301691801e-01,),
+    (-9.0338057013044082e-01, 5.4180672388095326e-02),
+    (2.4212380706095346e-01, -1.2232505839045147e00, 5.4526025533510214e-01),
+)
+_B = (2.4212380706095346e-01, -1.2232505839045147e00, 1.5452602553351020e00, 4.3586652150845900e-01)
 _B_EMBEDDED = (3.7810903145819369e-01, -9.6042292212423178e-02, 0.5, 2.1793326075422950e-01)
 _C = tuple(sum(row) for row in _ALPHA)
 _GAMMA_SUMS = tuple(GAMMA_34 + sum(row) for row in _GAMMAS)
@@ -151,8 +158,10 @@ def clock_exponents(clock: Clock, margins, x, y):
 
 
 # Gauss-Legendre on [0, 1], sixteen nodes per piece of log_exp_integral.
-_NODES, _WEIGHTS = (0.5 * (v + 1.0) if i == 0 else 0.5 * v
-                    for i, v in enumerate(np.polynomial.legendre.leggauss(16)))  # fmt: skip
+_NODES, _WEIGHTS = (
+    0.5 * (v + 1.0) if i == 0 else 0.5 * v
+    for i, v in enumerate(np.polynomial.legendre.leggauss(16))
+)
 _PIECES = 16
 _LAYER = 32.0  # boundary-layer widths resolved by the pieces (exp(-32) ~ 1e-14 beyond)
 
@@ -169,15 +178,22 @@ def log_exp_integral(h, phi_a, phi_b, dphi_a, dphi_b):
     exactly and leaves Gauss-Legendre a smooth remainder. Measured against mpmath: <= 1e-12
     (tests/test_rosenbrock.py).
     """
+
     def psi(x):  # phi(h - x) - phi_b, the cubic in x with psi(0) = 0
         t = x / h
-        return ((t ** 3 - 2.0 * t ** 2 + t) * h * -dphi_b + (3.0 * t ** 2 - 2.0 * t ** 3)
-                * (phi_a - phi_b) + (t ** 3 - t ** 2) * h * -dphi_a)  # fmt: skip
+        return (
+            (t**3 - 2.0 * t**2 + t) * h * -dphi_b
+            + (3.0 * t**2 - 2.0 * t**3) * (phi_a - phi_b)
+            + (t**3 - t**2) * h * -dphi_a
+        )
 
     def dpsi(x):
         t = x / h
-        return ((3.0 * t ** 2 - 4.0 * t + 1.0) * -dphi_b + (6.0 * t - 6.0 * t ** 2)
-                * (phi_a - phi_b) / h + (3.0 * t ** 2 - 2.0 * t) * -dphi_a)  # fmt: skip
+        return (
+            (3.0 * t**2 - 4.0 * t + 1.0) * -dphi_b
+            + (6.0 * t - 6.0 * t**2) * (phi_a - phi_b) / h
+            + (3.0 * t**2 - 2.0 * t) * -dphi_a
+        )
 
     layer = jnp.where(dphi_b * h > _LAYER, _LAYER / jnp.where(dphi_b > 0, dphi_b, 1.0), h)
     cuts = jnp.append(layer * jnp.arange(_PIECES + 1) / _PIECES, h)
@@ -197,8 +213,7 @@ def log_exp_integral(h, phi_a, phi_b, dphi_a, dphi_b):
     return phi_b + jax.nn.logsumexp(terms)
 
 
-def advance_log_t_loss(h, log_t_loss_a, exponents_a, exponents_b, log_loss_rate_a,
-                       log_loss_rate_b):
+def advance_log_t_loss(h, log_t_loss_a, exponents_a, exponents_b, log_loss_rate_a, log_loss_rate_b):
     """ln(t L) at the end of a polar step from its start: t grows by the integral of
     dt/ds = exp(phi), phi = ln dtau/ds - ln L, by quadrature (log_exp_integral).
 
@@ -208,8 +223,13 @@ def advance_log_t_loss(h, log_t_loss_a, exponents_a, exponents_b, log_loss_rate_
     """
     (l_a, lam_a), (l_b, lam_b) = exponents_a, exponents_b
     secant = (l_b - l_a) / h
-    increment = log_exp_integral(h, l_a + lam_a - lam_b, l_b, jnp.exp(log_loss_rate_a) + secant,
-                                 jnp.exp(log_loss_rate_b) + secant)  # fmt: skip
+    increment = log_exp_integral(
+        h,
+        l_a + lam_a - lam_b,
+        l_b,
+        jnp.exp(log_loss_rate_a) + secant,
+        jnp.exp(log_loss_rate_b) + secant,
+    )
     return jnp.logaddexp(log_t_loss_a + lam_a - lam_b, increment)
 
 
@@ -318,8 +338,9 @@ def ros34pw2_step(field_at, V, field_rate, x, y, h, field0):
         if i == 0:
             F = field0
         else:
-            F = field_at(x + _C[i] * h,
-                         y + h * sum(a * k for a, k in zip(_ALPHA[i], stages) if a != 0.0))
+            F = field_at(
+                x + _C[i] * h, y + h * sum(a * k for a, k in zip(_ALPHA[i], stages) if a != 0.0)
+            )
         rhs = F + _GAMMA_SUMS[i] * h * field_rate
         if i > 0:  # + h A sum_j gamma_ij k_j, A = -V V^T
             rhs = rhs - h * (V @ (V.T @ sum(g * k for g, k in zip(_GAMMAS[i], stages))))
@@ -336,8 +357,18 @@ METHODS = {"ros2": (ros2_step, 2), "ros34pw2": (ros34pw2_step, 3)}
 # --------------------------------------------------------------------------- kinks
 
 
-def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, weights_of, slots,
-                 on_slot, on_kink, alpha_at=None, rounds=None):
+def clarke_pairs(
+    geometry: KinkGeometry,
+    margins_and_grads,
+    options,
+    y_unit,
+    weights_of,
+    slots,
+    on_slot,
+    on_kink,
+    alpha_at=None,
+    rounds=None,
+):
     """The Clarke element of the velocity sum_i p_i grad m_i on the pairs in `slots` that sit on
     their kinks (on_slot), p = weights_of(margins): (rows, alpha, holds) with rows the kinks'
     gradients a_k, alpha the kink derivatives and holds the pairs held on z = 0 (sliding, or
@@ -362,8 +393,9 @@ def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, wei
         alpha = state[1]
         alpha_all = jnp.zeros(P, y_unit.dtype).at[written].set(alpha, mode="drop")
         gates = geometry.gates(on_kink, alpha_all)
-        return _clarke_round(geometry, margins_and_grads, options, y_unit, weights_of, slots,
-                             on_slot, gates, alpha)
+        return _clarke_round(
+            geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot, gates, alpha
+        )
 
     # A loop, not unrolled: one copy of the round (and its box QP) in the compiled program.
     state = (jnp.zeros((k, y_unit.shape[0]), y_unit.dtype), alpha, jnp.zeros(k, bool))
@@ -374,8 +406,9 @@ def clarke_pairs(geometry: KinkGeometry, margins_and_grads, options, y_unit, wei
 _CLARKE_ROUNDS = 3
 
 
-def _clarke_round(geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot,
-                  gates, alpha_at):
+def _clarke_round(
+    geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot, gates, alpha_at
+):
     """One round of clarke_pairs, linearised at the kink derivatives alpha_at (in gates)."""
     rows = jnp.where(on_slot[:, None], geometry.rows(y_unit, slots, gates), 0.0)
     m, G = margins_and_grads(y_unit, gates)
@@ -393,8 +426,9 @@ def _clarke_round(geometry, margins_and_grads, options, y_unit, weights_of, slot
     holds = on_slot & (jnp.abs(c) * norms > 1e-8 * jnp.linalg.norm(g0))
     c = jnp.where(holds, c, 0.0)
     rows_g0 = rows @ g0
-    b = box_qp(gram, rows_g0, jnp.minimum(c, 0.0), jnp.maximum(c, 0.0), holds,
-               options.qp_iterations)  # fmt: skip
+    b = box_qp(
+        gram, rows_g0, jnp.minimum(c, 0.0), jnp.maximum(c, 0.0), holds, options.qp_iterations
+    )
     alpha = jnp.clip(jnp.where(c != 0, b / jnp.where(c != 0, c, 1.0), 0.0), 0.0, 1.0)
     slides = holds & (alpha > 1e-9) & (alpha < 1.0 - 1e-9)
     # Filippov's side test for the other pairs on a kink. The min-norm element is the
@@ -445,8 +479,9 @@ def kink_crossings(z0, z1, free, landing, h, rate0=None):
     crossed = crossed | (free & (jnp.abs(z1) <= landing) & (jnp.abs(z1) < jnp.abs(z0)))
     fraction = (jnp.abs(z0) + 0.5 * landing) / (jnp.abs(z0) + jnp.abs(z1))
     if rate0 is not None:
-        fraction = _first_root(z0 + 0.5 * landing * jnp.sign(z0), rate0 * h,
-                               z1 - z0 - rate0 * h, fraction)  # fmt: skip
+        fraction = _first_root(
+            z0 + 0.5 * landing * jnp.sign(z0), rate0 * h, z1 - z0 - rate0 * h, fraction
+        )
     return crossed, too_far, jnp.min(jnp.where(too_far, h * fraction, jnp.inf))
 
 
@@ -456,8 +491,12 @@ def _first_root(c, b, a, fallback):
     root = jnp.sqrt(jnp.maximum(disc, 0.0))
     q = -0.5 * (b + jnp.where(b >= 0, root, -root))
     safe = jnp.where(q != 0, q, 1.0)
-    candidates = jnp.stack([jnp.where(a != 0, q / jnp.where(a != 0, a, 1.0), jnp.inf),
-                            jnp.where(q != 0, c / safe, jnp.inf)])  # fmt: skip
+    candidates = jnp.stack(
+        [
+            jnp.where(a != 0, q / jnp.where(a != 0, a, 1.0), jnp.inf),
+            jnp.where(q != 0, c / safe, jnp.inf),
+        ]
+    )
     inside = (disc >= 0)[None] & (candidates > 0) & (candidates <= 1)
     best = jnp.min(jnp.where(inside, candidates, jnp.inf), axis=0)
     return jnp.where(jnp.isfinite(best), best, fallback)
@@ -512,12 +551,12 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
         def weights_of(m):
             return softmax_of_scaled(clock.degree * x, m) if clock.polar else jax.nn.softmax(-m)
 
-        return clarke_pairs(geometry, margins_and_grads, options, y_unit, weights_of, slots,
-                            on_slot, on_kink)
+        return clarke_pairs(
+            geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot, on_kink
+        )
 
     def nothing_on_kinks(_):
-        return (jnp.zeros((k, y.shape[0]), y.dtype), jnp.zeros(k, y.dtype),
-                jnp.zeros(k, bool))  # fmt: skip
+        return (jnp.zeros((k, y.shape[0]), y.dtype), jnp.zeros(k, y.dtype), jnp.zeros(k, bool))
 
     # The QP costs ~k gradient evaluations: skip it when no pair is on its kink.
     rows, alpha, slides = jax.lax.cond(jnp.any(on_slot), clarke_element, nothing_on_kinks, None)
@@ -530,12 +569,19 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, clock, options, 
     # repeated ~400 times in 0.02 of s. Crossings at the step's end are still landed on.
     gates = frozen_gates(geometry, z, slots, on_slot, alpha)
     sliding = jnp.zeros(P, bool).at[slots].max(slides)
-    return _KinkStep(gates, projector_factor(rows, slides), sliding, on_kink,
-                     jnp.sum(slides).astype(jnp.int32), overflow)  # fmt: skip
+    return _KinkStep(
+        gates,
+        projector_factor(rows, slides),
+        sliding,
+        on_kink,
+        jnp.sum(slides).astype(jnp.int32),
+        overflow,
+    )
 
 
-def project_onto_kinks(geometry: KinkGeometry, clock, options, y, hold, keep, keep_mask, gates,
-                       sweeps=2):
+def project_onto_kinks(
+    geometry: KinkGeometry, clock, options, y, hold, keep, keep_mask, gates, sweeps=2
+):
     """Newton (min-norm) corrections putting the pairs in `hold` back on z = 0 while leaving the
     margins of the examples in `keep_mask` unchanged to first order (`keep`: their gradients).
 
@@ -549,8 +595,11 @@ def project_onto_kinks(geometry: KinkGeometry, clock, options, y, hold, keep, ke
     gradients in deeper nets depend on the Clarke elements chosen below them).
     """
     k = min(options.candidates, geometry.num_pairs)
-    keep = jnp.where(keep_mask[:, None], keep / jnp.maximum(
-        jnp.linalg.norm(keep, axis=1, keepdims=True), 1e-300), 0.0)  # fmt: skip
+    keep = jnp.where(
+        keep_mask[:, None],
+        keep / jnp.maximum(jnp.linalg.norm(keep, axis=1, keepdims=True), 1e-300),
+        0.0,
+    )
 
     def sweep(_, y):
         y_unit = y / jnp.linalg.norm(y) if clock.polar else y
@@ -563,8 +612,9 @@ def project_onto_kinks(geometry: KinkGeometry, clock, options, y, hold, keep, ke
         on = jnp.concatenate([active, keep_mask])
         gram = A @ A.T + jnp.diag(jnp.where(on, 1e-13, 1.0))
         factor = jax.scipy.linalg.cho_factor(gram)
-        targets = jnp.concatenate([jnp.where(active, z / norms, 0.0), jnp.zeros(keep.shape[0],
-                                                                                 y.dtype)])
+        targets = jnp.concatenate(
+            [jnp.where(active, z / norms, 0.0), jnp.zeros(keep.shape[0], y.dtype)]
+        )
         return y_unit - A.T @ jax.scipy.linalg.cho_solve(factor, targets)
 
     # A loop, not unrolled: one copy in the compiled program.
@@ -639,8 +689,11 @@ def next_step(c: _Carry, accept, clipped, h, factor, h_land, error_ok):
     rejected only to land on an event or a kink (error_ok) is redone with h_land and the
     rejected h is kept: the step after the landing resumes with it (measured on the ReLU limit
     flow, L = 3: steps of 1e-7 then took ~10 steps of x5 each to grow back)."""
-    h_next = jnp.where(accept, jnp.where(clipped, jnp.maximum(c.h, h * factor), h * factor),
-                       jnp.minimum(h * jnp.minimum(factor, 1.0), h_land))  # fmt: skip
+    h_next = jnp.where(
+        accept,
+        jnp.where(clipped, jnp.maximum(c.h, h * factor), h * factor),
+        jnp.minimum(h * jnp.minimum(factor, 1.0), h_land),
+    )
     h_next = jnp.where(accept, jnp.maximum(h_next, c.h_resume), h_next)
     landing = ~accept & error_ok & (h_land < h)
     return h_next, jnp.where(landing, jnp.maximum(c.h_resume, h), 0.0)
@@ -648,22 +701,39 @@ def next_step(c: _Carry, accept, clipped, h, factor, h_land, error_ok):
 
 def _store(carry: _Carry, x, y, aux, index):
     return carry._replace(
-        xs=carry.xs.at[index].set(x), ys=carry.ys.at[index].set(y),
-        auxs=carry.auxs.at[index].set(aux), saved=carry.saved.at[index].set(True),
-    )  # fmt: skip
+        xs=carry.xs.at[index].set(x),
+        ys=carry.ys.at[index].set(y),
+        auxs=carry.auxs.at[index].set(aux),
+        saved=carry.saved.at[index].set(True),
+    )
 
 
-def integrate(clock: Clock, margins, margins_and_grads, geometry, options: RosenbrockOptions, x0, y0,
-              aux0, x_end, save_xs, max_steps, event=None, direction_tol=0.0,
-              branch_margins_and_grads=None, stall=None) -> Integration:
+def integrate(
+    clock: Clock,
+    margins,
+    margins_and_grads,
+    geometry,
+    options: RosenbrockOptions,
+    x0,
+    y0,
+    aux0,
+    x_end,
+    save_xs,
+    max_steps,
+    event=None,
+    direction_tol=0.0,
+    branch_margins_and_grads=None,
+    stall=None,
+) -> Integration:
     """Integrate from (x0, y0, aux0) to x_end, saving at save_xs (increasing); stop early on
     event(y) crossing 0 upwards (landed within `landing`), or ||dy/dx|| < direction_tol, or,
     with stall = (x_from, h_min), when the step falls below h_min past x_from (STALLED: the
     caller continues on the limit flow).
     `branch_margins_and_grads`: margins_and_grads whose gated units take the value of their
     gate's linear piece (per_example_margins(..., branch=True)), for the step's stages."""
-    stage_fields = margins_and_grads if branch_margins_and_grads is None else (
-        branch_margins_and_grads)
+    stage_fields = (
+        margins_and_grads if branch_margins_and_grads is None else (branch_margins_and_grads)
+    )
     method_step, order = METHODS[options.method]
     dtype = y0.dtype
     S = save_xs.shape[0]
@@ -675,15 +745,24 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
 
     num_initial = jnp.sum(save_xs <= x0)
     carry = _Carry(
-        x=jnp.asarray(x0, dtype), y=y0, aux=aux0, z=preacts(y0),
-        h=jnp.asarray(options.first_step, dtype), h_resume=jnp.zeros((), dtype),
+        x=jnp.asarray(x0, dtype),
+        y=y0,
+        aux=aux0,
+        z=preacts(y0),
+        h=jnp.asarray(options.first_step, dtype),
+        h_resume=jnp.zeros((), dtype),
         index=num_initial,
-        xs=jnp.where(save_xs <= x0, x0, save_xs), ys=jnp.broadcast_to(y0, (S,) + y0.shape),
-        auxs=jnp.broadcast_to(aux0, (S, 2)), saved=save_xs <= x0,
-        steps=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
-        outcome=jnp.where(x0 >= x_end, REACHED_END, -1), max_sliding=jnp.zeros((), jnp.int32),
-        start=None, fresh=jnp.asarray(True),
-    )  # fmt: skip
+        xs=jnp.where(save_xs <= x0, x0, save_xs),
+        ys=jnp.broadcast_to(y0, (S,) + y0.shape),
+        auxs=jnp.broadcast_to(aux0, (S, 2)),
+        saved=save_xs <= x0,
+        steps=jnp.zeros((), jnp.int32),
+        rejected=jnp.zeros((), jnp.int32),
+        outcome=jnp.where(x0 >= x_end, REACHED_END, -1),
+        max_sliding=jnp.zeros((), jnp.int32),
+        start=None,
+        fresh=jnp.asarray(True),
+    )
 
     def step_start(x, y, z):
         """(kink step, field, stiff factor, d field / dx) at a step's start."""
@@ -694,8 +773,11 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         # ~ beta in the stiff directions; W-methods take it as the column of the augmented
         # system's Jacobian (s' = 1), i.e. + gamma_i h dF/ds in stage i (see the step functions).
         if clock.polar:
-            _, fs_y = jax.jvp(lambda x: evaluate(clock, stage_fields, project, x, y, ks.gates).dy,
-                              (x,), (jnp.ones_like(x),))  # fmt: skip
+            _, fs_y = jax.jvp(
+                lambda x: evaluate(clock, stage_fields, project, x, y, ks.gates).dy,
+                (x,),
+                (jnp.ones_like(x),),
+            )
         else:
             fs_y = jnp.zeros_like(y)
         return ks, F1, stiff_factor(clock, F1, project), fs_y
@@ -706,8 +788,7 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         return c.outcome < 0
 
     def body(c: _Carry):
-        step_products = reuse_after_rejection(c.fresh, lambda: step_start(c.x, c.y, c.z),
-                                              c.start)
+        step_products = reuse_after_rejection(c.fresh, lambda: step_start(c.x, c.y, c.z), c.start)
         ks, F1, V, fs_y = step_products
         projector = ks.projector()
         target = jnp.minimum(save_xs[jnp.minimum(c.index, S - 1)], x_end)
@@ -736,8 +817,9 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
             z_new = preacts(y_new)
             scale = jnp.maximum(jnp.mean(jnp.abs(z_new)), 1e-300)
             _, rate0 = jax.jvp(preacts, (c.y,), (k1y,))
-            band = landing_band(options.landing * scale, rate0, jnp.linalg.norm(k1y),
-                                options.tol * y_scale)
+            band = landing_band(
+                options.landing * scale, rate0, jnp.linalg.norm(k1y), options.tol * y_scale
+            )
             crossed, too_far, h_land = kink_crossings(c.z, z_new, ~ks.on_kink, band, h, rate0)
             landed = ~jnp.any(too_far)
         hit = jnp.asarray(False)
@@ -745,8 +827,12 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
             e0, e1 = event(c.y), event(y_new)
             up = (e0 < 0) & (e1 >= 0)
             too_far = up & (e1 > options.landing)
-            h_land = jnp.minimum(h_land, jnp.where(
-                too_far, h * (jnp.abs(e0) + 0.5 * options.landing) / (jnp.abs(e0) + e1), jnp.inf))
+            h_land = jnp.minimum(
+                h_land,
+                jnp.where(
+                    too_far, h * (jnp.abs(e0) + 0.5 * options.landing) / (jnp.abs(e0) + e1), jnp.inf
+                ),
+            )
             landed = landed & ~too_far
             hit = up & ~too_far
 
@@ -757,26 +843,36 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
                 hold = ks.sliding | crossed
                 y_acc = jax.lax.cond(
                     jnp.any(hold),
-                    lambda v: project_onto_kinks(geometry, clock, options, v, hold, F1.grads,
-                                                 F1.weights > 1e-12, ks.gates),
+                    lambda v: project_onto_kinks(
+                        geometry, clock, options, v, hold, F1.grads, F1.weights > 1e-12, ks.gates
+                    ),
                     lambda v: v,
                     y_new,
                 )
             # The clocks by quadrature along the step (tau: exp of a smooth exponent; ln(t L):
             # see advance_log_t_loss, one more field evaluation at the end of the step).
             if clock.polar:
-                start, end = clock_exponents(clock, margins, c.x, c.y), clock_exponents(
-                    clock, margins, c.x + h, y_acc)  # fmt: skip
+                start, end = (
+                    clock_exponents(clock, margins, c.x, c.y),
+                    clock_exponents(clock, margins, c.x + h, y_acc),
+                )
                 F_end = evaluate(clock, stage_fields, projector, c.x + h, y_acc, ks.gates)
-                aux_new = jnp.stack([
-                    c.aux[0] + exp_trapezoid(h, start[0], end[0]),
-                    advance_log_t_loss(h, c.aux[1], start, end, F1.log_loss_rate,
-                                       F_end.log_loss_rate),
-                ])  # fmt: skip
+                aux_new = jnp.stack(
+                    [
+                        c.aux[0] + exp_trapezoid(h, start[0], end[0]),
+                        advance_log_t_loss(
+                            h, c.aux[1], start, end, F1.log_loss_rate, F_end.log_loss_rate
+                        ),
+                    ]
+                )
             else:
-                aux_new = c.aux.at[0].add(exp_trapezoid(
-                    h, log_clock_rate(clock, margins, c.x, c.y),
-                    log_clock_rate(clock, margins, c.x + h, y_acc)))  # fmt: skip
+                aux_new = c.aux.at[0].add(
+                    exp_trapezoid(
+                        h,
+                        log_clock_rate(clock, margins, c.x, c.y),
+                        log_clock_rate(clock, margins, c.x + h, y_acc),
+                    )
+                )
             return y_acc, aux_new
 
         # A step its tests already reject skips the projection onto the kinks and the clocks
@@ -790,14 +886,21 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         h_next, h_resume = next_step(c, accept, clipped, h, factor, h_land, err <= 1.0)
         x_new = jnp.where(clipped, target, c.x + h)
         new = c._replace(
-            x=jnp.where(accept, x_new, c.x), y=jnp.where(accept, y_acc, c.y),
+            x=jnp.where(accept, x_new, c.x),
+            y=jnp.where(accept, y_acc, c.y),
             aux=jnp.where(accept, aux_new, c.aux),
             z=jnp.where(accept, preacts(y_acc), c.z) if geometry is not None else c.z,
-            h=h_next, h_resume=h_resume, steps=c.steps + accept, rejected=c.rejected + ~accept,
-            max_sliding=jnp.maximum(c.max_sliding, ks.num_sliding), start=step_products,
+            h=h_next,
+            h_resume=h_resume,
+            steps=c.steps + accept,
+            rejected=c.rejected + ~accept,
+            max_sliding=jnp.maximum(c.max_sliding, ks.num_sliding),
+            start=step_products,
             fresh=accept,
-        )  # fmt: skip
-        at_save = accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
+        )
+        at_save = (
+            accept & clipped & (c.index < S) & (target == save_xs[jnp.minimum(c.index, S - 1)])
+        )
         stored = _store(new, new.x, new.y, new.aux, jnp.minimum(c.index, S - 1))
         new = jax.tree.map(lambda a, b: jnp.where(at_save, a, b), stored, new)
         new = new._replace(index=c.index + at_save)
@@ -806,10 +909,17 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         collapsed = h_next < 1e-14 * (1.0 + jnp.abs(c.x))
         stalled = jnp.asarray(False) if stall is None else (c.x >= stall[0]) & (h_next < stall[1])
         outcome = jnp.select(
-            [ks.overflow, accept & (x_new >= x_end), accept & hit, converged, stalled,
-             ~finite & collapsed, collapsed, new.steps + new.rejected >= max_steps],
-            [KINK_OVERFLOW, REACHED_END, EVENT, CONVERGED, STALLED, FAILED, FAILED,
-             OUT_OF_STEPS],
+            [
+                ks.overflow,
+                accept & (x_new >= x_end),
+                accept & hit,
+                converged,
+                stalled,
+                ~finite & collapsed,
+                collapsed,
+                new.steps + new.rejected >= max_steps,
+            ],
+            [KINK_OVERFLOW, REACHED_END, EVENT, CONVERGED, STALLED, FAILED, FAILED, OUT_OF_STEPS],
             -1,
         )
         new = new._replace(outcome=outcome)
@@ -820,8 +930,19 @@ def integrate(clock: Clock, margins, margins_and_grads, geometry, options: Rosen
         return new._replace(index=new.index + off_grid)
 
     out = jax.lax.while_loop(cond, body, carry)
-    return Integration(out.xs, out.ys, out.auxs, out.saved, out.x, out.y, out.aux, out.outcome,
-                       out.steps, out.rejected, out.max_sliding)  # fmt: skip
+    return Integration(
+        out.xs,
+        out.ys,
+        out.auxs,
+        out.saved,
+        out.x,
+        out.y,
+        out.aux,
+        out.outcome,
+        out.steps,
+        out.rejected,
+        out.max_sliding,
+    )
 
 
 def quasi_steady_log_t_loss(clock: Clock, margins_and_grads, x, y):

@@ -77,8 +77,12 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
         gates, offset = [], 0
         for shape in shapes:
             size = shape[0] * shape[1]
-            gates.append((flat_mask[offset:offset + size].reshape(shape),
-                          flat_alpha[offset:offset + size].reshape(shape)))  # fmt: skip
+            gates.append(
+                (
+                    flat_mask[offset : offset + size].reshape(shape),
+                    flat_alpha[offset : offset + size].reshape(shape),
+                )
+            )
             offset += size
         return gates
 
@@ -92,8 +96,7 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
         Pair j belongs to one example e, so alpha_j moves m_e and grad m_e only: C[:, j] =
         p_e d(grad m_e) + dm_e G^T dp/dm_e, from one single-example forward-over-reverse pass
         per slot (jacfwd of g took a pass over all n examples per slot: ~50x the work)."""
-        examples = jnp.concatenate([jnp.repeat(jnp.arange(shape[0]), shape[1])
-                                    for shape in shapes])  # fmt: skip
+        examples = jnp.concatenate([jnp.repeat(jnp.arange(shape[0]), shape[1]) for shape in shapes])
 
         def margin(v, e, alpha):
             gate = jax.tree.map(lambda a: a[e], gates_of(flat_mask, alpha, shapes))
@@ -124,13 +127,16 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
         def scatter(index, alpha, mask):
             # Padding slots are dropped, not written to pair 0 (whose mask they would clear).
             written = jnp.where(mask, index, z.size)
-            return (jnp.zeros(z.size, bool).at[written].set(True, mode="drop"),
-                    jnp.zeros(z.size, z.dtype).at[written].set(alpha, mode="drop"))  # fmt: skip
+            return (
+                jnp.zeros(z.size, bool).at[written].set(True, mode="drop"),
+                jnp.zeros(z.size, z.dtype).at[written].set(alpha, mode="drop"),
+            )
 
         def at(index, alpha, mask):
             flat_mask, flat_alpha = scatter(index, alpha, mask)
-            m, pullback = jax.vjp(lambda flat: gated_margins(flat, flat_mask, flat_alpha,
-                                                             shapes), w)  # fmt: skip
+            m, pullback = jax.vjp(
+                lambda flat: gated_margins(flat, flat_mask, flat_alpha, shapes), w
+            )
             p = weights_fn(m)
             return Velocity(pullback(p)[0], m, p, jnp.sum(mask).astype(jnp.int32))
 
@@ -140,8 +146,10 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
                 index, near, _, _ = on_kink_slots(z, near_all, slots)
                 if slots == k:
                     index = jax.lax.cond(
-                        count > k, lambda: jax.lax.top_k(-relative, k)[1].astype(index.dtype),
-                        lambda: index)  # fmt: skip
+                        count > k,
+                        lambda: jax.lax.top_k(-relative, k)[1].astype(index.dtype),
+                        lambda: index,
+                    )
                 sign_rule = (z[index] > 0).astype(z.dtype)
                 # g(alpha) = g0 + C (alpha - alpha0): the Clarke set of the near kinks (exact
                 # for one hidden layer, linearised for deeper nets).
