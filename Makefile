@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 
 reproduce-figures: $(STAMP)
 	@if [ ! -f experiments/__main__.py ]; then \
-		echo "reproduce-figures: the experiment suite does not exist yet (issue 6); no figures were made." >&2; \
+		echo "reproduce-figures: the experiment suite (experiments/__main__.py) is missing; no figures were made." >&2; \
 		exit 2; \
 	fi
 	$(PY) -m experiments

@@ -1,12 +1,12 @@
-"""How far towards beta = ||w||^L -> infinity each method gets (issue 5), side by side.
+"""How far towards beta = ||w||^L -> infinity each method gets, side by side.
 
     python bench/asymptotic.py [--beta-max 1e12] [--max-steps 400000] [--relu-max-steps 20000]
                                [--no-relu] [--only NAME] [--kkt-steps 20000]
 
 Cases: the linear model on Soudry et al.'s data from w = 0; a depth-2 and depth-3 deep linear
 net (width 5) on random separable data (d = 10, n = 40); a depth-2 diagonal net on data with a
-unique l1 max margin (d = 8, n = 20); the reference ReLU problem of NOTES §6 (L = 2, 3). For
-each: jm.gradient_flow(solver="rosenbrock") to beta_max or its step budget (smooth models
+unique l1 max margin (d = 8, n = 20); the reference ReLU problem of docs/background.md §6 (L = 2,
+3). For each: jm.gradient_flow(solver="rosenbrock") to beta_max or its step budget (smooth models
 continue on the beta -> infinity limit flow past 1e10, or where the W-method stalls past 1e8),
 then loss-based-LR gradient descent (Lyu & Li's schedule) from the same start for the same wall
 time. Printed: wall time (compilation included), status, beta reached by each and the ratio in
@@ -28,10 +28,8 @@ import os
 import time
 
 # One thread in XLA:CPU's pool (read when JAX starts its CPU backend; an explicit PJRT_NPROC
-# wins). The engine's programs are thousands of small operations in while loops, and XLA hands
-# independent ones to the pool's other thread: on 2 cores the reference problem (L = 3, to
-# beta = 1e12, as one program) ran in 35.9 s with the default pool of two and 29.8 s with one,
-# compiling in the same time (2026-11-29). `make test` was not faster with it (540 s vs 500 s).
+# wins): the engine's programs are thousands of small operations in while loops, whose hand-offs
+# to a second thread cost more than they gain on 2 cores (measured: docs/decisions.md D41).
 os.environ.setdefault("PJRT_NPROC", "1")
 
 import jax  # noqa: E402

@@ -1,8 +1,8 @@
-"""Flow engine vs naive diffrax vs gradient descent on the reference problem (NOTES §6).
+"""Flow engine vs naive diffrax vs gradient descent on the reference problem.
 
     python bench/flow_engine.py [--depths 2 3] [--max-steps 4000] [--ds 1.5]
 
-For each depth, side by side in one process:
+On jm.reference_problem (docs/background.md §6), for each depth, side by side in one process:
 - engine: jm.gradient_flow (tau clock to t0, polar clock after, Filippov velocities on kinks),
   run from params0 to s0 + ds;
 - naive: diffrax Tsit5 on the seed's tau-flow with the autodiff element, same step budget;
@@ -127,7 +127,7 @@ def main():
     parser.add_argument("--max-steps", type=int, default=4000)
     parser.add_argument("--ds", type=float, default=1.5, help="engine target: s0 + ds")
     args = parser.parse_args()
-    print(f"devices: {jax.devices()}; reference problem of NOTES §6 (n=50, d=5, width 32)")
+    print(f"devices: {jax.devices()}; reference problem (n=50, d=5, width 32)")
     for depth in args.depths:
         predictor, params0, X, y = jm.reference_problem(depth)
         to_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, rtol=1e-6, atol=1e-9)

@@ -6,7 +6,7 @@ ReLU L = 2, width 6, on theorem5's synthetic data (n = 16, d = 6), three seeds, 
 rtol 1e-6: the largest relative residual of the Lyu & Li identity (1/2) d||w||^2/dtau =
 L sum_n p_n m_n, the engine's saved velocity against the right side recomputed from the saved
 params, before and after t0, with the solver steps. --reference adds the reference problem of
-NOTES §6 (L = 2) to beta = 1e3 with the default candidates and 20,000 steps per phase.
+docs/background.md §6 (L = 2) to beta = 1e3 with the default candidates and 20,000 steps per phase.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def sweep_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
 
 def run_worker(num_devices: int, num_seeds: int, repeats: int) -> dict:
     # NPROC: XLA's CPU thread pool above the device count, a precaution kept from the eigvalsh
-    # deadlock (see sweep_gradient_flow; not needed by the current sliding QP).
+    # deadlock (docs/decisions.md D16; not needed by the current sliding QP).
     env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(max(16, 4 * num_devices)))
     env.pop("XLA_FLAGS", None)
     command = [

@@ -1,11 +1,12 @@
-"""Work-precision of the flow engine against fixed-step Euler (GD) and naive Tsit5 (issue 5).
+"""Work-precision of the flow engine against fixed-step Euler (GD) and naive Tsit5.
 
     python bench/work_precision.py [--beta 1e4] [--depth 2]
 
 Problem: a deep linear net (width 32, init N(0, 1/fan_in) x 0.5) on the data of the reference
-problem of NOTES §6 (n = 50, d = 5). All methods start from the same point w1 = w(t0), found by
-scipy's DOP853 on the tau-flow (tests/flow_references.py, numpy field with analytic gradients,
-independent of jaxmargin._flow), and are compared at the same point of the path: ||w||^L = beta.
+problem of docs/background.md §6 (n = 50, d = 5). All methods start from the same point
+w1 = w(t0), found by scipy's DOP853 on the tau-flow (tests/flow_references.py, numpy field with
+analytic gradients, independent of jaxmargin._flow), and are compared at the same point of the
+path: ||w||^L = beta.
 
 - reference: scipy DOP853 (rtol 1e-10) on the polar clock from w1 (tests/flow_references.py);
   checked against the engine at its tightest tolerance (printed);

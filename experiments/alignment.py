@@ -5,31 +5,29 @@ Two measurements of the alignment at each saved point:
 - "autodiff": `jm.alignment`, cos∠(w, Σ_i p_i ∇m_i(w)) with p = softmax(-m) and the autodiff
   element of each ∂m_i (relu'(0) = 0, i.e. the gradient on whichever side of each kink the point
   happens to be);
-- "flow velocity": cos∠(w, g) for the velocity g the flow actually follows, the Filippov element
-  of the engine's field in which every sliding kink gets the relu'(0) ∈ [0, 1] that keeps it on
-  its kink (NOTES §4). In the polar clock this is exactly 1 / sqrt(1 + ||dθ/ds||²), since
+- "flow velocity": cos∠(w, g) for the velocity g the flow actually follows, the Filippov element of
+  the engine's field in which every sliding kink gets the relu'(0) ∈ [0, 1] that keeps it on its
+  kink (docs/background.md §4). In the polar clock this is exactly 1 / sqrt(1 + ||dθ/ds||²), since
   <θ, g> = L p·q by Lemma 2, so → 1 says the direction stops moving per unit of ln ||w||.
 
 The two differ wherever pre-activations sit on kinks, which along the flow is the normal case
 (tens of sliding pairs here): Ji & Telgarsky's statement is about the second. The flow-velocity
 numbers use the engine's private field (jaxmargin._flow: make_velocity, polar_quantities).
 
-Runs on the reference problem (`reference_problem(depth)`, NOTES §6: n = 50, x ~ N(0, I_5),
-width-32 bias-free ReLU MLP) for depths 2 and 3:
+Runs on the reference problem (`reference_problem(depth)`, docs/background.md §6: n = 50,
+x ~ N(0, I_5), width-32 bias-free ReLU MLP) for depths 2 and 3:
 
 - the flow engine from the reference init (seed 0) to beta_max, with the sliding-mode handling,
-  rtol = 1e-6 (the default 1e-8 exhausted 2,000 steps before separating, in phase 1; NOTES
-  §3-§4). This is the expensive part: on 2 CPU cores beta ~ 1e3 (L = 2) and ~3e2 (L = 3) is
-  what fits the budget;
+  rtol = 1e-6 (the default 1e-8 exhausted 2,000 steps before separating, in phase 1;
+  docs/background.md §3-§4). This is the expensive part: on 2 CPU cores beta ~ 1e3 (L = 2) and
+  ~3e2 (L = 3) is what fits the budget;
 - loss-based GD (Lyu & Li schedule) for several seeds (`reference_problem(depth, seed=k)`),
   which reaches beta ~ e^10 in seconds, but whose alignment stays erratic and low by both
   measures: its steps (alpha ~ 1/beta, at the edge of stability) chatter across the kinks and
   leave the nearly tied support margins O(1/beta) apart in a way that is not the flow's balance,
-  and p = softmax(-m) follows those gaps (see the notes on ties in jaxmargin/_kkt.py).
+  and p = softmax(-m) follows those gaps (see the comments on ties in jaxmargin/_kkt.py).
 
-Measured default-scale time: 203 s wall on 2 CPU cores shared with another job (load ~6;
-the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
-535 s wall and 276 s of CPU together).
+Its default-scale wall time is recorded in docs/benchmarks.md (most of it is the flow engine).
 """
 
 from __future__ import annotations

@@ -20,9 +20,7 @@ grows only at the rate its correlation with the weighted data exceeds the others
 the flow sits near a KKT point of the network problem (a coordinate ~0: the trap of
 `kkt_trap`, in a milder form) that is not the l1 optimum.
 
-Measured default-scale time: 100 s wall on 2 CPU cores shared with another job (load ~6;
-the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
-535 s wall and 276 s of CPU together).
+Its default-scale wall time is recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ Measured: every GD run that broke monotonicity blew up (non-finite) within 4 ste
 all finite runs (lr <= 0.1) kept gamma~ non-decreasing after it turned positive. Runs with
 lr >= 0.064 took another route early and end ~0.02 above the flow's gamma~ at matched ||w||.
 
-Measured default-scale time: 56 s (2 CPU cores, shared with other jobs at load ~5-7; the
-flow's compilation is about half of it).
+About half of its default-scale wall time (recorded in docs/benchmarks.md) is the flow's
+compilation.
 """
 
 from __future__ import annotations

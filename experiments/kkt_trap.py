@@ -1,4 +1,4 @@
-"""KKT points that are not max-margin (Vardi, Shamir & Srebro, NeurIPS 2022; NOTES §6).
+"""KKT points that are not max-margin (Vardi, Shamir & Srebro, NeurIPS 2022; docs/background.md §6).
 
 Part A, the diagonal trap: f(x) = u1 v1 x1 + u2 v2 x2 (`diagonal_linear(2)`), one example
 x = (1, 2), y = 1. From u2(0) = v2(0) = 0 the second coordinate gets zero gradient forever
@@ -17,9 +17,7 @@ pointing at one cluster) gives one ramp per cluster and a larger margin; random 
 net (loss-based GD) are also reported. The trapped end point is certified KKT for the remaining
 width-2 net (the dead unit's weights are a vanishing part of the direction).
 
-Measured default-scale time: 105 s wall on 2 CPU cores shared with another job (load ~6;
-the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
-535 s wall and 276 s of CPU together).
+Its default-scale wall time is recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

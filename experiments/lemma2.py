@@ -12,12 +12,11 @@ each point the Euler identity error |<s, w> - L f(w)| / (|L f(w)| + ||s|| ||w||)
 - raw sampled gradients without extrapolation, against the sampling radius (their O(r) bias).
 
 For bias-free ReLU nets every convention satisfies the identity, because relu(z) = relu'(z) z at
-z = 0 too (NOTES §5); autodiff can nevertheless leave the Clarke set of other programs: for
-relu(z) - relu(-z) (= z, Clarke set {1}) it returns 2 relu'(0) at z = 0 (Kakade & Lee 2018).
+z = 0 too (docs/background.md §5); autodiff can nevertheless leave the Clarke set of other
+programs: for relu(z) - relu(-z) (= z, Clarke set {1}) it returns 2 relu'(0) at z = 0 (Kakade &
+Lee 2018).
 
-Measured default-scale time: 24 s wall on 2 CPU cores shared with another job (load ~6;
-the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
-535 s wall and 276 s of CPU together).
+Its default-scale wall time is recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

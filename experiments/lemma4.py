@@ -11,9 +11,7 @@ the predictor zoo, random data (labels need not be separable), random scales ||w
 and v built from autodiff margin subgradients or from sampled Clarke elements (random convex
 combinations of extrapolated limiting gradients, `sampled_clarke_subgradients`).
 
-Measured default-scale time: 63 s wall on 2 CPU cores shared with another job (load ~6;
-the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
-535 s wall and 276 s of CPU together).
+Its default-scale wall time is recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

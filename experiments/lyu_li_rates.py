@@ -29,8 +29,8 @@ theorem5's, so the compilation is shared in one process), L = 3, 4 deep linear n
 width 6 (smooth, so the flow reaches large beta cheaply; ReLU nets of depth >= 3 crawl on
 their kinks in this engine). Data: theorem5's synthetic set (n = 16, dim 6).
 
-Measured default-scale time: 121 s (2 CPU cores, shared with other jobs at load ~5-7; about
-80 s of it compiling one flow program per depth).
+Most of its default-scale wall time (recorded in docs/benchmarks.md) compiles one flow program per
+depth.
 """
 
 from __future__ import annotations

@@ -14,9 +14,7 @@ g = <w, ŵ>, dg/dt = n_s γ̄ e^{-γ̄ g}, so e^{γ̄ g} = n_s γ̄² t + c and
 
 the last one at an exact SVM direction (ties between the four support margins).
 
-Measured default-scale time: 41 s wall on 2 CPU cores shared with another job (load ~6;
-the six modules lemma2, lemma4, soudry_linear, diagonal_l1, kkt_trap, alignment took
-535 s wall and 276 s of CPU together).
+Its default-scale wall time is recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

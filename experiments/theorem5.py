@@ -5,8 +5,8 @@ gamma~(w) = -ln L(w) / ||w||^L is non-decreasing for t >= t0, for every L-homoge
 Measured here with `jm.gradient_flow` for bias-free ReLU MLPs of depth L = 1..5 (L = 1 is the
 linear model) on two data sets, and for a ReLU CNN on 8x8 digit images:
 
-* synthetic: n points x ~ N(0, I_dim), y = sign(sum_j x_j) (the reference problem of NOTES §6,
-  smaller so that the budget holds);
+* synthetic: n points x ~ N(0, I_dim), y = sign(sum_j x_j) (the reference problem of
+  docs/background.md §6, smaller so that the budget holds);
 * digits: scikit-learn's 0-vs-1 digits, the first n/2 of each class, centred and projected on
   their first `dim` principal components (fitted on all 360 images of the pair), rescaled to a
   mean norm sqrt(dim). Same shapes as the synthetic set, so one compilation serves both.
@@ -19,20 +19,18 @@ relative decrease of gamma~ between consecutive saved points after t0,
 max_k (g_k - g_{k+1}) / max(|g_k|, |g_{k+1}|): Theorem 5 says it is <= 0; numerical error
 allows a little above.
 
-Per-seed `gradient_flow` calls, not `gradient_flow_batch`: measured on this machine (2 cores,
-shared), ReLU L = 3, width 8, n = 20, 8 seeds, the vmapped batch spent 181 s compiling and
-integrating phase 1 alone, against ~35 s compilation + 1-8 s per seed sequentially (the batch
-steps every seed until the slowest is done, and the sliding-mode `lax.cond` runs both branches
-under vmap).
+Per-seed `gradient_flow` calls, not `gradient_flow_batch`: the batch steps every seed until the
+slowest is done, and the sliding-mode `lax.cond` runs both branches under vmap (measured:
+docs/decisions.md D43).
 
 The CNN's kinks have no sliding-mode handling in the engine (MLPs only), so the autodiff element
 relu'(0) = 0 is integrated as is; at rtol 1e-6 its phase 1 exhausted 1,500 steps without
 separating (chattering on kinks), so the CNN runs at a looser rtol (cnn_rtol).
 
-Measured default-scale time: 314 s (2 CPU cores, shared with other jobs at load ~5-7); about
-150 s of it compiles one flow program per depth (and the CNN), the rest is mostly deep-net runs
-that crawl on kinks until max_steps. Deep ReLU nets (L >= 3) run at rtol 1e-4: at 1e-6 most
-synthetic runs exhausted 1,500 steps in phase 1 without reaching t0.
+About half of its default-scale wall time (recorded in docs/benchmarks.md) compiles one flow program
+per depth (and the CNN); the rest is mostly deep-net runs that crawl on kinks until max_steps. Deep
+ReLU nets (L >= 3) run at rtol 1e-4: at 1e-6 most synthetic runs exhausted 1,500 steps in phase 1
+without reaching t0.
 """
 
 from __future__ import annotations
@@ -98,8 +96,8 @@ class Config:
 
 
 def synthetic_data(n: int, dim: int, gap: float = 0.0, seed: int = 0):
-    """x ~ N(0, I_dim), y = sign(sum_j x_j) (the reference problem's data, NOTES §6), keeping
-    the first n draws with |sum_j x_j| / sqrt(dim) >= gap (a data margin)."""
+    """x ~ N(0, I_dim), y = sign(sum_j x_j) (the reference problem's data, docs/background.md
+    §6), keeping the first n draws with |sum_j x_j| / sqrt(dim) >= gap (a data margin)."""
     draws = np.asarray(jax.random.normal(jax.random.key(seed), (50 * n, dim), jnp.float64))
     keep = np.abs(draws.sum(axis=1)) / math.sqrt(dim) >= gap
     if np.sum(keep) < n:

@@ -14,8 +14,7 @@ path norm sum_j |a_j| ||w_j||, Chizat & Bach's F1 margin, up to Cauchy-Schwarz) 
 normalization min_i m_i / ||w||^2 (half of it for a balanced net). The margins are not converged:
 the normalized margin still creeps up as beta = ||w||^2 grows; the final beta is reported.
 
-Measured default-scale time: 85 s (2 CPU cores, shared with other jobs at load ~5-7; mostly
-one GD compilation per width).
+Its default-scale wall time (recorded in docs/benchmarks.md) is mostly one GD compilation per width.
 """
 
 from __future__ import annotations
