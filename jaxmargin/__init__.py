@@ -24,13 +24,14 @@ from ._clarke import sampled_clarke_subgradients as sampled_clarke_subgradients 
 from ._data import chizat_bach_clusters as chizat_bach_clusters  # noqa: E402
 from ._data import digits_pair as digits_pair  # noqa: E402
 from ._data import reference_problem as reference_problem  # noqa: E402
+from ._flow import FlowOptions as FlowOptions  # noqa: E402
 from ._flow import FlowSolution as FlowSolution  # noqa: E402
 from ._flow import FlowStatus as FlowStatus  # noqa: E402
 from ._flow import LimitFlowSolution as LimitFlowSolution  # noqa: E402
+from ._flow import SlidingOptions as SlidingOptions  # noqa: E402
 from ._flow import gradient_flow as gradient_flow  # noqa: E402
 from ._flow import gradient_flow_batch as gradient_flow_batch  # noqa: E402
 from ._flow import limit_flow as limit_flow  # noqa: E402
-from ._flow._sliding import SlidingOptions as SlidingOptions  # noqa: E402
 from ._homogeneity import assert_homogeneous as assert_homogeneous  # noqa: E402
 from ._homogeneity import estimate_degree as estimate_degree  # noqa: E402
 from ._kkt import KKTCertificate as KKTCertificate  # noqa: E402

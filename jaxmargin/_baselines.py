@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._margins import _raw_margins, log_norm, polar, soft_margin_from_scaled
+from ._margins import log_norm, polar, raw_margins, soft_margin_from_scaled
 from ._predictors import Params, Predictor, _check_positive_int
 from ._validation import check_all, check_choice
 
@@ -158,7 +158,7 @@ def _attempt(state: _State, loss_and_grad, optimizer, schedule: str) -> _State:
 def _record(predictor: Predictor, X, y, state: _State) -> dict:
     """The logged quantities, margins from the polar split (no ||w||^L is ever formed)."""
     log_beta, theta = polar(predictor, state.params)
-    q = _raw_margins(predictor, theta, X, y)
+    q = raw_margins(predictor, theta, X, y)
     log_rho = log_norm(state.params)
     return dict(
         step=state.step,
@@ -177,7 +177,7 @@ def _record(predictor: Predictor, X, y, state: _State) -> dict:
 @functools.partial(jax.jit, static_argnames=("predictor", "schedule", "steps", "num_logs"))
 def _run(predictor, params0, X, y, step_size0, *, schedule, steps, num_logs):
     def log_loss(params):  # ln L = logsumexp(-m): finite long after L itself underflows
-        return jax.nn.logsumexp(-_raw_margins(predictor, params, X, y))
+        return jax.nn.logsumexp(-raw_margins(predictor, params, X, y))
 
     loss_and_grad = jax.value_and_grad(log_loss)
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)

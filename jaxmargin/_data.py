@@ -18,7 +18,7 @@ def reference_problem(
     seed: int = 0,
     init_scale: float = 0.5,
 ):
-    """The reference problem of NOTES §6: (predictor, params0, X, y).
+    """The reference problem of docs/background.md §6: (predictor, params0, X, y).
 
     n points x ~ N(0, I_dim) and y = sign(sum_j x_j), from jax.random.key(seed) split into a data
     key and a weight key; a bias-free ReLU MLP of `width` and `depth` layers, weights

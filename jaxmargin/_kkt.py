@@ -65,7 +65,7 @@ def _distinct(rows: np.ndarray, tol: float) -> np.ndarray:
 def _subgradient_columns(predictor, params, x, label, autodiff, key, num_samples):
     """Clarke elements of m(w) = label * f(x; w) used for one example: the autodiff element,
     or, where sampled limiting gradients disagree with it, the distinct samples (their convex
-    hull lies in the Clarke set; the autodiff element may not, see NOTES §5)."""
+    hull lies in the Clarke set; the autodiff element may not, see docs/background.md §5)."""
     if num_samples == 0:
         return autodiff[None, :]
     samples = np.asarray(

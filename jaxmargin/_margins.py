@@ -63,7 +63,8 @@ def polar(predictor: Predictor, params: Params, normalization: str = "l2"):
     return jnp.sum(degrees * layer_log_norms), theta
 
 
-def _raw_margins(predictor, params, X, y):
+def raw_margins(predictor, params, X, y):
+    """y_i f(x_i; params) for every example, unchecked (the checked form is `margins`)."""
     return y * jax.vmap(predictor.apply, in_axes=(None, 0))(params, X)
 
 
@@ -133,13 +134,13 @@ def log_exp_loss_from_scaled(log_beta, q):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _margins(predictor, params, X, y):
-    return _raw_margins(predictor, params, X, y)
+    return raw_margins(predictor, params, X, y)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _normalized(predictor, params, X, y, normalization):
     log_beta, theta = polar(predictor, params, normalization)
-    return log_beta, _raw_margins(predictor, theta, X, y)
+    return log_beta, raw_margins(predictor, theta, X, y)
 
 
 # --------------------------------------------------------------------------- public API

@@ -16,8 +16,9 @@ import jax.extend
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from ._flow import _solution as S
-from ._flow._engine import _check_not_rest_point, _prepare, _solve, _tol, static_from_options
+from ._flow._engine import check_not_rest_point, direction_tolerance, prepare, solve
+from ._flow._options import FlowOptions, static_config, with_flow_options
+from ._flow._solution import FlowSolution
 from ._validation import check_data
 
 AXIS = "seeds"
@@ -30,8 +31,8 @@ def _sweep(static, mesh, batched_data, params0, X, y, tau_max, s_target, directi
     in_specs = (seeds, data_spec, data_spec, shared, shared, shared)
     args = (params0, X, y, tau_max, s_target, direction_tol)
     data_axis = 0 if batched_data else None
-    solve = jax.vmap(
-        functools.partial(_solve, static), in_axes=(0, data_axis, data_axis, None, None, None)
+    solve_batch = jax.vmap(
+        functools.partial(solve, static), in_axes=(0, data_axis, data_axis, None, None, None)
     )
 
     # The block of one device is traced here, outside shard_map, and only evaluated inside it:
@@ -46,7 +47,7 @@ def _sweep(static, mesh, batched_data, params0, X, y, tau_max, s_target, directi
         return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(shape(leaf), leaf.dtype), arg)
 
     block_args = tuple(local(arg, spec) for arg, spec in zip(args, in_specs, strict=True))
-    program, out_shape = jax.make_jaxpr(solve, return_shape=True)(*block_args)
+    program, out_shape = jax.make_jaxpr(solve_batch, return_shape=True)(*block_args)
 
     def block(*args):
         outs = jax.extend.core.jaxpr_as_fun(program)(*jax.tree.leaves(args))
@@ -71,6 +72,7 @@ def _global(array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+@with_flow_options()
 def sweep_gradient_flow(
     predictor,
     params0_batch,
@@ -79,8 +81,11 @@ def sweep_gradient_flow(
     *,
     devices=None,
     batched_data: bool = False,
-    **flow_options,
-) -> S.FlowSolution:
+    beta_max: float | None = None,
+    s_max: float | None = None,
+    options: FlowOptions | None = None,
+    **option_values,
+) -> FlowSolution:
     """gradient_flow_batch for a batch of seeds, vmapped per device and sharded over devices.
 
     The batch (leading axis of every leaf of `params0_batch`) is padded to a multiple of the
@@ -110,10 +115,9 @@ def sweep_gradient_flow(
 
     Several CPU devices (`jax.config.update("jax_num_cpu_devices", 4)` before JAX starts): an
     earlier version deadlocked XLA's CPU thread pool in the batched `eigvalsh` of ReLU sliding
-    when there were as many devices as cores. The sliding QP no longer calls LAPACK; a ReLU
-    sweep with sliding on 2 and on 4 emulated devices of a 2-core machine ran through and
-    matched gradient_flow_batch exactly (measured 2026-11-28). If a LAPACK-heavy predictor ever
-    hangs there, raise the pool size with the environment variable NPROC before JAX starts.
+    when there were as many devices as cores; the sliding QP no longer calls LAPACK
+    (docs/decisions.md D16, tests/test_sweep.py). If a LAPACK-heavy predictor ever hangs there,
+    raise the pool size with the environment variable NPROC before JAX starts.
 
     Args:
         predictor: an L-homogeneous Predictor.
@@ -123,8 +127,9 @@ def sweep_gradient_flow(
         devices: the devices to shard over (default `jax.devices()`, every device of every
             process).
         batched_data: whether X and y carry a leading seed axis.
-        **flow_options: the options of `gradient_flow` (beta_max, s_max, tau_max, max_steps,
-            direction_tol, num_saves, solver, rtol, atol, sliding).
+        beta_max, s_max: the target, as in `gradient_flow`.
+        options, **option_values: a FlowOptions and keywords replacing its fields, as in
+            `gradient_flow`.
 
     Returns:
         A FlowSolution with a leading seed axis on every leaf, rows not trimmed (`valid` marks
@@ -133,10 +138,7 @@ def sweep_gradient_flow(
         otherwise (an uneven sharding is not representable) gathered on the first device,
         padding dropped. With several processes they are numpy arrays, on every process.
     """
-    options = dict(flow_options)
-    beta_max, s_max = options.pop("beta_max", None), options.pop("s_max", None)
-    tau_max = options.pop("tau_max", 1e4)
-    direction_tol = options.pop("direction_tol", None)
+    options = FlowOptions.merge(options, option_values)
     leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(params0_batch)]
     if not leaves or any(leaf.ndim == 0 for leaf in leaves):
         raise ValueError("params0_batch needs a leading seed axis on every leaf")
@@ -156,15 +158,13 @@ def sweep_gradient_flow(
             )
         for index in range(num_seeds):  # value checks (finite X, labels +-1) on every dataset
             check_data(X[index], y[index])
-        predictor, _, _, s_target = _prepare(
-            predictor, params0_batch, X[0], y[0], beta_max, s_max, tau_max, True
+        predictor, _, _, s_target = prepare(
+            predictor, params0_batch, X[0], y[0], beta_max, s_max, True
         )
     else:
-        predictor, X, y, s_target = _prepare(
-            predictor, params0_batch, X, y, beta_max, s_max, tau_max, True
-        )
-    _check_not_rest_point(predictor, params0_batch, batched=True)
-    static = static_from_options(predictor, options, direction_tol, s_target)
+        predictor, X, y, s_target = prepare(predictor, params0_batch, X, y, beta_max, s_max, True)
+    check_not_rest_point(predictor, params0_batch, batched=True)
+    static = static_config(options, predictor, s_target)
 
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
@@ -186,9 +186,9 @@ def sweep_gradient_flow(
         params,
         _global(X, mesh, data_spec),
         _global(y, mesh, data_spec),
-        _global(np.float64(tau_max), mesh, shared),
+        _global(np.float64(options.tau_max), mesh, shared),
         _global(np.float64(s_target), mesh, shared),
-        _global(_tol(direction_tol), mesh, shared),
+        _global(direction_tolerance(options), mesh, shared),
     )
     if not NamedSharding(mesh, shared).is_fully_addressable:  # several processes: gather all
         from jax.experimental import multihost_utils

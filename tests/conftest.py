@@ -20,7 +20,7 @@ def key():
 
 @pytest.fixture
 def reference_data():
-    """The reference problem of NOTES §6: 50 points in R^5, y = sign(sum x)."""
+    """The reference problem of docs/background.md §6: 50 points in R^5, y = sign(sum x)."""
     data_key, _ = jax.random.split(jax.random.key(0))
     X = jax.random.normal(data_key, (50, 5), dtype=jax.numpy.float64)
     y = jax.numpy.sign(X.sum(axis=1))

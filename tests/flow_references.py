@@ -1,7 +1,7 @@
 """Independent references for the flow tests: numpy fields for scipy, and a projected Euler.
 
-Nothing here imports jaxmargin._flow: the equations of NOTES §2 are re-derived in numpy (linear
-and deep linear models, analytic gradients) and integrated by scipy's DOP853, and the Euler
+Nothing here imports jaxmargin._flow: the equations of docs/background.md §2 are re-derived in numpy
+(linear and deep linear models, analytic gradients) and integrated by scipy's DOP853, and the Euler
 reference uses only jax.grad of the model's margins (the autodiff element, relu'(0) = 0).
 """
 
@@ -103,7 +103,7 @@ def polar_flow(model, X, y, theta0, s0, tau0, log_t_loss0, s_eval):
 def projected_euler_soft_margin(predictor, theta0, X, y, s0, s1, step):
     """Explicit Euler in the polar clock with the autodiff element, renormalising theta.
 
-    Converges to the Filippov solution as step -> 0 (first order, NOTES §4).
+    Converges to the Filippov solution as step -> 0 (first order, docs/background.md §4).
     """
     from jax.flatten_util import ravel_pytree
 

@@ -154,7 +154,8 @@ def test_normalized_schedule_decreases_the_loss_at_the_predicted_rate():
 
 
 def test_loss_based_gd_reaches_a_tiny_loss_on_a_relu_net(reference_data, key):
-    # NOTES §6 reference problem, L = 2, width 16. The step alpha ends ~1/beta (NOTES §3), so
+    # The reference problem (docs/background.md §6), L = 2, width 16. The step alpha ends
+    # ~1/beta (docs/background.md §3), so
     # ln L falls about 0.1 per accepted step: 3.3e5 attempts for ln L < -1e4.
     X, y = reference_data
     predictor = jm.relu_mlp(2, 16, init_scale=0.5)

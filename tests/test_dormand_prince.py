@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxmargin._flow import _dormand_prince as dp
+from jaxmargin._flow._stepping import Outcome
 
 
 def _rotation(y):
@@ -25,7 +26,7 @@ def _run(event, x_end=5.0, rtol=1e-10, atol=1e-12, max_steps=10_000, field=_rota
 
 def test_saves_and_end_match_the_exact_solution():
     out, xs = _run(lambda y: -1.0 + 0.0 * y[0])  # never fires
-    assert not bool(out.event) and not bool(out.failed) and not bool(out.out_of_steps)
+    assert int(out.outcome) == Outcome.REACHED_END
     assert float(out.x) == 5.0
     np.testing.assert_allclose(np.asarray(out.y), _exact(5.0), rtol=1e-8)
     assert bool(np.all(out.saved))
@@ -36,7 +37,7 @@ def test_saves_and_end_match_the_exact_solution():
 def test_event_located_on_the_dense_output():
     # e^x crosses 20 upwards at x = ln 20; sin x crosses 0.5 upwards first at pi / 6.
     out, xs = _run(lambda y: y[2] - 20.0)
-    assert bool(out.event)
+    assert int(out.outcome) == Outcome.EVENT
     assert float(out.x) == pytest.approx(np.log(20.0), rel=1e-9)
     np.testing.assert_allclose(np.asarray(out.y), _exact(np.log(20.0)), rtol=1e-8)
     # Saves beyond the event are not reached (and keep y0).
@@ -49,7 +50,7 @@ def test_a_start_a_rounding_error_short_of_the_event_ends_past_it():
     # sin x - 1e-17 is -1e-17 at the start (w(t0) from another solver: -ln L = -1e-17 there):
     # the event is at x = 1e-17; the end must be past it (event > 0), not the start itself.
     out, _ = _run(lambda y: y[1] - 1e-17)
-    assert bool(out.event) and 0.0 < float(out.x) < 1e-14
+    assert int(out.outcome) == Outcome.EVENT and 0.0 < float(out.x) < 1e-14
     assert float(out.y[1]) > 1e-17
 
 
@@ -65,13 +66,13 @@ def test_tighter_tolerance_converges_and_takes_more_steps():
 
 def test_step_budget_and_failure_are_reported():
     out, _ = _run(lambda y: -1.0 + 0.0 * y[0], max_steps=5)
-    assert bool(out.out_of_steps) and not bool(out.failed)
+    assert int(out.outcome) == Outcome.OUT_OF_STEPS
     assert int(out.steps) + int(out.rejected) == 5 and float(out.x) < 5.0
 
     def blows_up(y):  # finite until x = 1 (y = 1 / (1 - x)), then NaN
         return jnp.where(y[0] < 1e6, y * y, jnp.nan)
 
     out, _ = _run(lambda y: -1.0 + 0.0 * y[0], field=blows_up)
-    assert bool(out.failed) and not bool(out.event)
+    assert int(out.outcome) == Outcome.FAILED
     # What was reached is reported: the last accepted point, before the blow-up.
     assert 0.99 < float(out.x) < 1.0 and bool(np.all(np.isfinite(np.asarray(out.y))))

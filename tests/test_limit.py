@@ -1,6 +1,6 @@
-"""The beta -> infinity limit flow (_flow/_limit.py): its pieces against scipy, the limits it must
-reach exactly (issue 5: l1 max margin of diagonal nets, SVM of deep linear nets, beta up to
-float64's range), and its agreement with the W-method at finite beta."""
+"""The beta -> infinity limit flow (_limit_field.py, _limit_stage.py): its pieces against
+scipy, the limits it must reach exactly (l1 max margin of diagonal nets, SVM of deep linear
+nets, beta up to float64's range), and its agreement with the W-method at finite beta."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import jaxmargin as jm
 from jaxmargin._checks import theorem5_max_decrease
-from jaxmargin._flow import _limit as lim
+from jaxmargin._flow import _limit_field as limit_field
 from jaxmargin._flow import _solution as codes
 from jaxmargin._flow._kink_geometry import per_example_margins
 from jaxmargin._wolfe import wolfe
@@ -69,7 +69,7 @@ def test_equalize_makes_the_active_margins_equal_with_a_small_move():
     active = jnp.zeros(30, bool).at[jnp.argsort(q)[:4]].set(True)
     # From a spread of 0.15 (far from the flow's ~1e-8 per step): Newton converges
     # quadratically, 0.028, 3.6e-4, 7.7e-10, 6e-17 in four sweeps.
-    theta_new = lim.equalize(margins_and_grads, theta, active, sweeps=4)
+    theta_new = limit_field.equalize(margins_and_grads, theta, active, sweeps=4)
     q_new, _ = margins_and_grads(theta_new, None)
     spread = np.ptp(np.asarray(q_new)[np.asarray(active)])
     assert spread <= 1e-14, spread
@@ -212,7 +212,7 @@ def test_limit_beta_is_validated():
 
 def _small_relu_problem(seed, depth=2):
     """n = 16 points in 3-d, y = sign(sum x), a width-6 bias-free ReLU MLP (the problem of
-    tests/test_rosenbrock.py's phase-2 tests, other seeds)."""
+    tests/test_stiff_stage.py's phase-2 tests, other seeds)."""
     k_data, k_w = jax.random.split(jax.random.key(seed))
     X = jax.random.normal(k_data, (16, 3))
     predictor = jm.relu_mlp(depth, 6)

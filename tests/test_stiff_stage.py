@@ -1,5 +1,5 @@
-"""The linearly implicit integrator (_rosenbrock.py): its linear algebra against dense numpy,
-and the beta -> infinity limits it must reach exactly (issue 5)."""
+"""The stiff stage (Rosenbrock-W steps, kinks, clocks): its linear algebra against dense numpy,
+its quadratures against mpmath, and the beta -> infinity limits it must reach exactly."""
 
 import functools
 
@@ -12,9 +12,14 @@ from jax.flatten_util import ravel_pytree
 
 import jaxmargin as jm
 from jaxmargin._checks import theorem5_max_decrease
-from jaxmargin._flow import _rosenbrock as ros
+from jaxmargin._flow import _clocks as clocks
+from jaxmargin._flow import _kink_landing as kink_landing
+from jaxmargin._flow import _kinks as kinks
+from jaxmargin._flow import _projectors as projectors
 from jaxmargin._flow import _solution as codes
+from jaxmargin._flow import _w_step as w_step
 from jaxmargin._flow._box_qp import FISTA_ITERATIONS
+from jaxmargin._flow._stiff_stage import StiffOptions
 
 
 def test_woodbury_solve_matches_dense(rng):
@@ -22,9 +27,9 @@ def test_woodbury_solve_matches_dense(rng):
     # Columns graded like sqrt(p) at large beta, times sqrt(beta).
     V = rng.normal(size=(d, n)) * np.sqrt(1e8) * np.geomspace(1.0, 1e-6, n)[None, :]
     b = rng.normal(size=d)
-    solve = ros.w_solver(jnp.asarray(V), h)
+    solve = w_step.w_solver(jnp.asarray(V), h)
     ky = solve(jnp.asarray(b))
-    W = np.eye(d) + ros.GAMMA * h * V @ V.T
+    W = np.eye(d) + w_step.GAMMA * h * V @ V.T
     # Backward error: the residual of W k = b relative to ||W|| ||k|| + ||b|| (W's condition
     # number is ~1e6 here, so forward errors of any solver, numpy's included, are ~1e-10).
     ky = np.asarray(ky)
@@ -35,7 +40,7 @@ def test_woodbury_solve_matches_dense(rng):
     np.testing.assert_allclose(ky, np.linalg.solve(W, b), rtol=1e-7, atol=1e-8 * np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("method", sorted(ros.METHODS))
+@pytest.mark.parametrize("method", sorted(w_step.METHODS))
 @pytest.mark.parametrize("jacobian_in_w", [True, False])
 def test_w_steps_converge_at_their_order_for_any_w_matrix(method, jacobian_in_w, rng):
     """Both steps are W-methods: order 2 (ROS2) / 3 (ROS34PW2) whether A in W = I - gamma h A
@@ -45,7 +50,7 @@ def test_w_steps_converge_at_their_order_for_any_w_matrix(method, jacobian_in_w,
     all one-step methods do); the embedded estimate is O(h^order) a step."""
     from scipy.integrate import solve_ivp
 
-    step, order = ros.METHODS[method]
+    step, order = w_step.METHODS[method]
     d, n = 6, 2
     U = np.linalg.qr(rng.normal(size=(d, n)))[0] * np.sqrt(10.0)  # stiff part -U U^T, |eig| 10
     B = 0.3 * rng.normal(size=(d, d))
@@ -95,7 +100,7 @@ def test_w_steps_converge_at_their_order_for_any_w_matrix(method, jacobian_in_w,
 def test_tangent_projector_is_the_orthogonal_projection(rng):
     rows = rng.normal(size=(5, 9))
     active = np.array([True, False, True, True, False])
-    project = ros.tangent_projector(jnp.asarray(rows), jnp.asarray(active))
+    project = projectors.tangent_projector(jnp.asarray(rows), jnp.asarray(active))
     A = rows[active]
     reference = np.eye(9) - A.T @ np.linalg.solve(A @ A.T, A)
     v = rng.normal(size=9)
@@ -105,8 +110,8 @@ def test_tangent_projector_is_the_orthogonal_projection(rng):
 def test_projected_in_row_space_matches_the_projector(rng):
     rows = rng.normal(size=(6, 11)) * np.geomspace(1.0, 1e3, 6)[:, None]
     active = np.array([True, False, True, True, False, True])
-    project = ros.tangent_projector(jnp.asarray(rows), jnp.asarray(active))
-    in_rows = ros.projected_in_row_space(jnp.asarray(rows @ rows.T), jnp.asarray(active))
+    project = projectors.tangent_projector(jnp.asarray(rows), jnp.asarray(active))
+    in_rows = projectors.projected_in_row_space(jnp.asarray(rows @ rows.T), jnp.asarray(active))
     V = rng.normal(size=(11, 3))
     expected = rows @ np.asarray(jax.vmap(project, in_axes=1, out_axes=1)(jnp.asarray(V)))
     scale = np.abs(rows @ V).max()
@@ -185,14 +190,14 @@ def test_kink_crossing_guesses_land_past_the_kink():
         return z0 + rate0 * t + curvature * t**2
 
     free = jnp.ones(4, bool)
-    crossed, too_far, h_quad = ros.kink_crossings(z0, z_at(h), free, landing, h, rate0)
+    crossed, too_far, h_quad = kink_landing.kink_crossings(z0, z_at(h), free, landing, h, rate0)
     assert list(np.asarray(crossed)) == [True, True, False, True]  # the last ends within landing
     assert list(np.asarray(too_far)) == [True, True, False, False]
     # The earliest crossing (pair 1: -2 + t + 20 t^2 = landing / 2), then the linear guess.
     expected = (-1.0 + np.sqrt(1.0 + 80.0 * (2.0 + 0.5 * landing))) / 40.0
     assert float(h_quad) == pytest.approx(expected, rel=1e-12)
     assert float(z_at(h_quad)[1]) == pytest.approx(0.5 * landing, abs=1e-14)
-    _, _, h_linear = ros.kink_crossings(z0, z_at(h), free, landing, h)
+    _, _, h_linear = kink_landing.kink_crossings(z0, z_at(h), free, landing, h)
     start, end = np.abs(np.asarray(z0)), np.abs(np.asarray(z_at(h)))
     assert float(h_linear) == pytest.approx(
         float(np.min(h * (start[:2] + 0.5 * landing) / (start[:2] + end[:2]))), rel=1e-12
@@ -206,11 +211,11 @@ def test_landing_band_bounds_the_snap_by_the_tolerance():
     rng = np.random.default_rng(0)
     a, v = rng.normal(size=(6, 40)), rng.normal(size=40)
     rate, speed, tol, floor = a @ v, np.linalg.norm(v), 1e-6, 1e-12
-    band = np.asarray(ros.landing_band(floor, jnp.asarray(rate), speed, tol))
+    band = np.asarray(kink_landing.landing_band(floor, jnp.asarray(rate), speed, tol))
     assert np.all(band > floor)
     np.testing.assert_allclose(band / np.abs(rate) * speed, tol, rtol=1e-12)  # along the flow
     assert np.all(band / np.linalg.norm(a, axis=1) <= tol * (1 + 1e-12))  # the snap
-    assert float(ros.landing_band(floor, 1e-9, speed, tol)) == floor
+    assert float(kink_landing.landing_band(floor, 1e-9, speed, tol)) == floor
 
 
 def test_kink_step_reports_more_kinks_than_slots():
@@ -229,13 +234,13 @@ def test_kink_step_reports_more_kinks_than_slots():
     on_kinks = int(jnp.sum(z == 0.0))  # those three, and units some examples leave dead
     margins_and_grads = per_example_margins(predictor, unravel, X, y)
     for candidates, overflow in ((on_kinks - 1, True), (on_kinks, False)):
-        step = ros.kink_step(
+        step = kinks.kink_step(
             geometry,
             margins_and_grads,
-            ros.Clock(False, 3),
-            ros.RosenbrockOptions(candidates=candidates),
+            3,
+            StiffOptions(candidates=candidates),
             0.0,
-            w,
+            w / jnp.linalg.norm(w),
             z,
         )
         assert bool(step.overflow) is overflow
@@ -245,8 +250,8 @@ def test_kink_step_reports_more_kinks_than_slots():
 def test_exp_trapezoid_exact_for_linear_exponents():
     h, a, b = 0.3, -2.0, 5.0
     exact = h * (np.exp(b) - np.exp(a)) / (b - a)
-    assert float(ros.exp_trapezoid(h, a, b)) == pytest.approx(exact, rel=1e-14)
-    assert float(ros.exp_trapezoid(h, 1.0, 1.0 + 1e-12)) == pytest.approx(h * np.e, rel=1e-11)
+    assert float(clocks.exp_trapezoid(h, a, b)) == pytest.approx(exact, rel=1e-14)
+    assert float(clocks.exp_trapezoid(h, 1.0, 1.0 + 1e-12)) == pytest.approx(h * np.e, rel=1e-11)
 
 
 @pytest.mark.parametrize(
@@ -282,7 +287,7 @@ def test_log_exp_integral_against_mpmath(slopes):
         }
     )
     value = mpmath.quad(lambda x: mpmath.exp(phi(x) - phi_b), points)
-    ours = float(ros.log_exp_integral(h, phi_a, phi_b, dphi_a, dphi_b))
+    ours = float(clocks.log_exp_integral(h, phi_a, phi_b, dphi_a, dphi_b))
     assert ours == pytest.approx(phi_b + float(mpmath.log(value)), abs=1e-11)
 
 
@@ -379,44 +384,6 @@ def test_deep_linear_depth3_reaches_the_svm_direction():
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261128)
-
-
-def test_tau_clock_and_t0_event_match_diffrax(rng):
-    """The integrator's tau clock (phase 1, event at -ln L = 0) against the diffrax phase 1."""
-    from jax.flatten_util import ravel_pytree
-
-    from jaxmargin._flow._kink_geometry import per_example_margins
-
-    X, y = jm.soudry_dataset(0)
-    X, y = jnp.asarray(X), jnp.asarray(y)
-    params0 = (jnp.array([-0.3, 0.1]),)
-    reference = jm.gradient_flow(
-        jm.linear(), params0, X, y, s_max=1.0, solver="dopri8", rtol=1e-12, atol=1e-14
-    )
-    w0, unravel = ravel_pytree(params0)
-    margins_and_grads = per_example_margins(jm.linear(), unravel, X, y)
-
-    def margins(w):
-        return margins_and_grads(w, None)[0]
-
-    out = ros.integrate(
-        ros.Clock(False, 1),
-        margins,
-        margins_and_grads,
-        None,
-        ros.RosenbrockOptions(tol=1e-10),
-        0.0,
-        w0,
-        jnp.zeros(2),
-        1e4,
-        jnp.geomspace(1e-6, 1.0, 8) * 1e4,
-        100_000,
-        event=lambda w: -jax.nn.logsumexp(-margins(w)),
-    )
-    assert int(out.outcome) == ros.EVENT
-    assert float(out.x) == pytest.approx(float(reference.status.tau0), rel=1e-6)
-    # t0 in exponential-loss time: ln t0 from the quadrature of dt/dtau = 1/L.
-    assert np.log(float(out.aux[0])) == pytest.approx(float(reference.status.log_t0), abs=1e-6)
 
 
 def test_branch_gates_select_linear_pieces():

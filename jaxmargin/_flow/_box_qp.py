@@ -8,11 +8,7 @@ import jax.numpy as jnp
 # FISTA stops once an iteration moves b by less than this fraction of the box.
 STALL = 1e-13
 # The default cap on FISTA's iterations (the flows' qp_iterations): FISTA only finds a start for
-# the exact active-set finish. Measured on the W-method's three Clarke QPs at beta = 1e6 on the
-# reference problem (L = 3, 93 pairs on kinks; FISTA never stalled before its cap): 300
-# iterations 0.95 ms, 100 0.46 ms, 30 0.31 ms, 10 0.37 ms, 0 0.36-1.1 ms, all the same optimum
-# (to 1e-19); phase 1's run on the same problem (16- and 64-slot QPs, same steps): 10.0 s at 500
-# iterations, 6.6 s at 30.
+# the exact active-set finish, which reaches the same optimum from fewer (docs/decisions.md D15).
 FISTA_ITERATIONS = 30
 
 

@@ -1,13 +1,14 @@
 """Dormand-Prince 5(4): the tableau, its dense output, the first root of an event on it, and an
-explicit integrator with an upward event (phase 1 of solver="rosenbrock").
+explicit integrator with an upward event (phase 1 of the asymptotic engine).
 
-Why a hand-written integrator next to diffrax: phase 1 of the rosenbrock engine is compiled on
-the critical path of every run (the later stages compile while it runs). diffrax's Dopri5 with
-an event and function saves put the (sliding) velocity into the compiled program several times
-(its stage loop, its first step's size, the saves' functions in the step loop, at t1 and at the
-event); here it is one stage loop with one field evaluation, the first step's size from the
-field at the start (Hairer's first guess without his second evaluation), saves and the event on
-the dense output. The limit flow (_limit.py) steps with the same tableau and dense output.
+Why a hand-written integrator next to diffrax: phase 1 is compiled on the critical path of every
+run (the later stages compile while it runs). diffrax's Dopri5 with an event and function saves
+puts the (sliding) velocity into the compiled program several times (its stage loop, its first
+step's size, the saves' functions in the step loop, at t1 and at the event); here it is one
+stage loop with one field evaluation, the first step's size from the field at the start
+(Hairer's first guess without his second evaluation), saves and the event on the dense output
+(docs/decisions.md D7). The limit flow (_limit_stage.py) steps with the same tableau and dense
+output.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ._stepping import Outcome
 
 # Dormand & Prince (1980), 5(4): stage coefficients, 5th-order weights, 4th-order weights.
 _A = (
@@ -108,9 +111,7 @@ class EventIntegration(NamedTuple):
     ys: jax.Array  # (S, d) the states at the saves (y0 where not reached)
     x: jax.Array  # where it stopped: the event, x_end, or the last accepted point
     y: jax.Array
-    event: jax.Array  # stopped where event(y) crossed 0 upwards
-    out_of_steps: jax.Array
-    failed: jax.Array  # the step size collapsed (e.g. a field that is not finite)
+    outcome: jax.Array  # EVENT (event(y) crossed 0 upwards), REACHED_END, OUT_OF_STEPS, FAILED
     steps: jax.Array  # accepted steps
     rejected: jax.Array
 
@@ -125,10 +126,9 @@ class _Carry(NamedTuple):
     saved: jax.Array
     steps: jax.Array
     rejected: jax.Array
-    outcome: jax.Array  # _RUNNING until one of the others
+    outcome: jax.Array  # RUNNING until one of the others
 
 
-_RUNNING, _EVENT, _END, _OUT_OF_STEPS, _FAILED = -1, 0, 1, 2, 3
 # The event's location on a step: u to 2^-60 of the step (below float64's resolution of u near 1).
 _BISECTIONS = 60
 # The step-size controller: diffrax's PIDController defaults (integral control, error order 5).
@@ -216,8 +216,8 @@ def integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps) -> EventI
                 steps + rejected >= max_steps,
                 h * factor < 1e-14 * (1.0 + jnp.abs(c.x)),
             ],
-            [_EVENT, _END, _OUT_OF_STEPS, _FAILED],
-            _RUNNING,
+            [Outcome.EVENT, Outcome.REACHED_END, Outcome.OUT_OF_STEPS, Outcome.FAILED],
+            Outcome.RUNNING,
         )
         return _Carry(
             x=jnp.where(accept, x_stop, c.x),
@@ -243,17 +243,15 @@ def integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps) -> EventI
         saved=jnp.zeros(S, bool),
         steps=zero,
         rejected=zero,
-        outcome=jnp.where(x_end > 0, _RUNNING, _END),
+        outcome=jnp.where(x_end > 0, Outcome.RUNNING, Outcome.REACHED_END),
     )
-    out = jax.lax.while_loop(lambda c: c.outcome == _RUNNING, body, carry)
+    out = jax.lax.while_loop(lambda c: c.outcome == Outcome.RUNNING, body, carry)
     return EventIntegration(
         out.saved,
         out.ys,
         out.x,
         out.y,
-        out.outcome == _EVENT,
-        out.outcome == _OUT_OF_STEPS,
-        out.outcome == _FAILED,
+        out.outcome,
         out.steps,
         out.rejected,
     )

@@ -1,4 +1,4 @@
-"""Vector fields of the gradient flow in two clocks (NOTES §2).
+"""Vector fields of the gradient flow in two clocks (docs/background.md §2).
 
 Phase 1, the seed's clock tau: dw/dtau = -grad ln L(w) = sum_i p_i grad m_i(w), p = softmax(-m),
 and dt/dtau = 1/L for the exponential-loss time t.

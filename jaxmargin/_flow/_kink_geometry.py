@@ -6,7 +6,7 @@ computed from example i alone. The Clarke interval of the pair's activation deri
 velocity g = sum_i p_i grad m_i along a_ik by (1 - slope) p_i delta_ik alpha, alpha in [0, 1],
 with delta_ik = d m_i / d h_ik the back-propagated signal at the unit's output. In deeper nets
 delta_ik depends on the Clarke elements chosen above unit k and a_ik on those below it: both take
-the step's gates (the element is found by a few rounds, see _rosenbrock.clarke_pairs).
+the step's gates (the element is found by a few rounds, see _kinks.clarke_pairs).
 Pairs are indexed example-major: flat index = i * H + k, H = hidden units per example.
 """
 

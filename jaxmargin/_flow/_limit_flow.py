@@ -1,11 +1,11 @@
 """limit_flow: the beta -> infinity limit flow on its own, run to the direction's convergence.
 
 Why a separate entry point: along gradient flow on ReLU nets the direction converges slowly in
-s = ln ||w||: on the reference problem of NOTES §6 (L = 2) the KKT residual is 4.0e-2 at
-beta = 1e12 and falls below 1e-7 only at s ~ 1950 (`python bench/asymptotic.py`), i.e. at
-beta = e^(L s) far beyond float64, where FlowSolution's beta-valued fields (rho, params, the
-loss) overflow. The limit flow itself does not involve beta (it is the flow at beta = infinity,
-O(1/beta) from the flow at finite beta), so it runs there; this function returns what stays
+s = ln ||w|| (on the reference problem of docs/background.md §6 only far beyond beta = 1e12:
+`python bench/asymptotic.py`), i.e. at beta = e^(L s) far beyond float64, where FlowSolution's
+beta-valued fields (rho, params, the loss) overflow. The limit flow itself does not involve
+beta (it is the flow at beta = infinity, O(1/beta) from the flow at finite beta), so it runs
+there; this function returns what stays
 finite: s, the unit direction, the minimum margin, and at the end the flow's speed
 ||dtheta/ds|| (= the relative stationarity residual of the min-norm Clarke element, which
 kkt_certificate measures independently) and the multipliers lambda.
@@ -13,6 +13,7 @@ kkt_certificate measures independently) and the multipliers lambda.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -25,10 +26,15 @@ from jax.flatten_util import ravel_pytree
 from .._margins import log_norm
 from .._validation import check_all
 from .._wolfe import WEIGHT_FLOOR
-from . import _limit as lim
-from . import _solution as S
-from ._engine import _OUTCOME_CODES
+from . import _limit_stage as limit_stage
+from . import _solution as solution
 from ._kink_geometry import kink_geometry, per_example_margins
+from ._limit_field import LimitOptions, choose_kinks
+from ._options import FlowOptions, with_flow_options
+from ._rows import STATUS_OF_OUTCOME
+
+# The FlowOptions that apply to limit_flow; setting another one raises.
+_LIMIT_FLOW_OPTIONS = ("direction_tol", "num_saves", "max_steps", "rtol")
 
 
 class LimitFlowSolution(NamedTuple):
@@ -57,9 +63,10 @@ class LimitFlowSolution(NamedTuple):
 
     @property
     def message(self) -> str:
-        return S.STATUS_MESSAGES[self.code]
+        return solution.STATUS_MESSAGES[self.code]
 
 
+@with_flow_options(_LIMIT_FLOW_OPTIONS)
 def limit_flow(
     predictor,
     params,
@@ -67,10 +74,8 @@ def limit_flow(
     y,
     *,
     s_max: float,
-    direction_tol: float | None = None,
-    num_saves: int = 100,
-    max_steps: int = 100_000,
-    rtol: float = 1e-8,
+    options: FlowOptions | None = None,
+    **option_values,
 ):
     """Integrate the beta -> infinity limit flow from the direction of `params` to s = s_max, or
     until ||dtheta/ds|| < direction_tol.
@@ -78,15 +83,17 @@ def limit_flow(
     `params` should be a point of gradient flow at large beta = ||params||^L (for instance the
     last point of gradient_flow(..., solver="rosenbrock")): the examples within 40 / beta of the
     minimum margin (at most 4e-5: 40 / max(beta, 1e6)) start on it, with the min-norm point of
-    their Clarke gradients as weights (the entry of _limit.integrate). From there the flow is
-    autonomous in s: the direction moves along the min-norm element of the Clarke subdifferential
-    of the minimum margin (tangent part), the margins on the minimum rise together, sliding ReLU
-    kinks are held (see _limit.py).
+    their Clarke gradients as weights (the entry of _limit_stage.integrate). From there the flow
+    is autonomous in s: the direction moves along the min-norm element of the Clarke
+    subdifferential of the minimum margin (tangent part), the margins on the minimum rise
+    together, sliding ReLU kinks are held (see _limit_field.py).
 
     Args:
         predictor: an L-homogeneous Predictor. params: the start (its scale sets s0 and beta).
         X, y: the data, y in {-1, +1}; the direction must separate it.
         s_max: the target s (any finite value: beta = e^(L s) need not be a float64 number).
+        options: a FlowOptions whose direction_tol, num_saves, max_steps and rtol apply (the
+            keywords after it replace them); its other fields must keep their defaults.
         direction_tol: stop when ||dtheta/ds|| falls below it.
         num_saves: saved points (evenly spaced in s). max_steps: integrator step budget.
         rtol: the local error tolerance on theta per step.
@@ -97,6 +104,15 @@ def limit_flow(
     Raises:
         ValueError: on invalid input, a non-separating direction, or s_max <= ln ||params||.
     """
+    unknown = sorted(set(option_values) - set(_LIMIT_FLOW_OPTIONS))
+    if unknown:
+        raise TypeError(f"limit_flow takes the options {_LIMIT_FLOW_OPTIONS}, not {unknown}")
+    options = FlowOptions.merge(options, option_values)
+    for field in dataclasses.fields(FlowOptions):
+        if field.name not in _LIMIT_FLOW_OPTIONS and getattr(options, field.name) != field.default:
+            raise ValueError(f"limit_flow does not take the option {field.name}")
+    direction_tol, num_saves = options.direction_tol, options.num_saves
+    max_steps, rtol = options.max_steps, options.rtol
     predictor, params, X, y = check_all(predictor, params, X, y)
     if not math.isfinite(s_max):
         raise ValueError(f"s_max must be finite, got {s_max}")
@@ -130,7 +146,7 @@ def limit_flow(
         float(s_max),
         tol,
     )
-    # The saved rows: the first is the entry point at s0 (see _limit.integrate).
+    # The saved rows: the first is the entry point at s0 (see _limit_stage.integrate).
     saved = np.asarray(out.saved)
     thetas = np.asarray(out.ys)[saved]
     ss = np.asarray(out.xs)[saved]
@@ -144,7 +160,7 @@ def limit_flow(
         np.asarray(margins),
         float(jnp.linalg.norm(field.dtheta)),
         np.asarray(field.weights),
-        _OUTCOME_CODES.get(int(out.outcome), S.SOLVER_FAILED),
+        STATUS_OF_OUTCOME.get(int(out.outcome), solution.SOLVER_FAILED),
         int(out.steps),
         int(out.rejected),
     )
@@ -157,12 +173,12 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
     geometry = kink_geometry(predictor, unravel, X, y, theta)
     # With kinks the limit flow freezes the activation pattern within a step (branch values).
     margins_and_grads = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
-    options = lim.LimitOptions(tol=rtol)
+    options = LimitOptions(tol=rtol)
     # Examples within 40 / beta of the minimum start on it: at most 4e-5 (beta >= 1e6), a start
     # far from the limit (small beta) begins with the examples nearest the minimum only.
     s_enter = jnp.maximum(s0, math.log(1e6) / degree)
     save_ss = jnp.linspace(s0, s_max, num_saves)
-    out = lim.integrate(
+    out = limit_stage.integrate(
         margins_and_grads,
         degree,
         options,
@@ -172,8 +188,8 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
         s_max,
         save_ss,
         max_steps,
-        direction_tol,
-        geometry,
+        direction_tol=direction_tol,
+        geometry=geometry,
         s_enter=s_enter,
     )
 
@@ -183,8 +199,6 @@ def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, di
 
     q, _ = margins_and_grads(out.y, None)
     start = jnp.zeros_like(q).at[jnp.argmin(q)].set(1.0)
-    field, _ = lim.choose_kinks(
-        margins_and_grads, degree, options, out.y, on_minimum, start, geometry
-    )
+    field, _ = choose_kinks(margins_and_grads, degree, options, out.y, on_minimum, start, geometry)
     weights = jnp.where(field.weights > WEIGHT_FLOOR, field.weights, 0.0)
     return out, field._replace(weights=weights)

@@ -1,16 +1,13 @@
 """Run a chain of stages as separate programs, compiling the later ones while the first runs.
 
-Why: as one program, the reference problem (L = 3, solver "rosenbrock", to beta = 1e12; 2 cores,
-PJRT_NPROC=1, 2026-11-29) traced for 7.3 s, compiled for 23.6 s and ran for 29.8 s, one after
-the other. As stages (phase 1, W-method, limit flow, rows), each stage's compilation overlaps
-the tracing of the next ones (XLA's compilation releases the GIL), and phase 2's and the limit
-flow's compile while phase 1 runs: 52.2 s in all (55.9 s with every stage compiled before any
-runs). Only the first stage runs during compilation: the W-method's run took 27.2 s instead of
-13.9 s while the limit flow compiled beside it (each uses both cores: XLA's compiler threads,
-and the run's hand-offs between its two threads), 54.9 s in all.
+Why: as one program, a run traces, compiles and runs one after the other. As stages (phase 1,
+the stiff stage, the limit flow, rows), each stage's compilation overlaps the tracing of the
+next ones (XLA's compilation releases the GIL), and the later stages compile while phase 1
+runs. Only the first stage runs during compilation: a run beside a compilation is slowed by as
+much as it would gain (docs/decisions.md D40).
 
 A chain is a function chain(call, *inputs) that runs its stages as call(stage, *args) and
-returns the last stage's result (the engine's _chain); the stages are pure functions
+returns the last stage's result (_asymptotic.chain, _explicit.chain); the stages are pure functions
 stage(static, *args) of array pytrees. The same chain under one jax.jit is the single-program
 form (the batched paths vmap that).
 """

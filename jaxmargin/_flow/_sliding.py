@@ -1,9 +1,10 @@
-"""Filippov velocities on ReLU kinks: the equivalent control of sliding modes (NOTES §4).
+"""Filippov velocities on ReLU kinks: the equivalent control of sliding modes.
 
-The flow's velocity is g = sum_i p_i grad m_i(w), with p a function of the margins. At a kink
-z_k(w) = 0 of a pre-activation that the field pushes into from both sides, the solution slides:
-it stays on z_k = 0, and its velocity is the Clarke/Filippov element whose kink derivative
-alpha_k in [0, 1] makes dz_k/dt = 0 (Filippov 1988; Utkin 1977), not the autodiff element.
+(docs/background.md §4.) The flow's velocity is g = sum_i p_i grad m_i(w), with p a function
+of the margins. At a kink z_k(w) = 0 of a pre-activation that the field pushes into from both
+sides, the solution slides: it stays on z_k = 0, and its velocity is the Clarke/Filippov element
+whose kink derivative alpha_k in [0, 1] makes dz_k/dt = 0 (Filippov 1988; Utkin 1977), not the
+autodiff element.
 Autodiff with relu'(0) = 0 instead chatters across the kink and adaptive steps collapse.
 
 Per evaluation: the pre-activations within `threshold` of 0 (relative to their mean) are "near"
@@ -23,22 +24,23 @@ import jax
 import jax.numpy as jnp
 
 from ._box_qp import FISTA_ITERATIONS, box_qp
-from ._rosenbrock import on_kink_slots
+from ._kinks import on_kink_slots
 
 
 class SlidingOptions(NamedTuple):
+    """How phase 1 and the explicit solvers handle ReLU kinks (the equivalent control).
+
+    Attributes:
+        candidates: slots for the pairs near their kinks (beyond them, the nearest).
+        threshold: |z| / mean |z| below which a pair is near its kink and gets the Clarke
+            element. There relu(z) = alpha z holds only to O(threshold), so Euler's identity
+            (and the Lyu & Li identity along phase 1) is off by about that much; a smaller band
+            crawls on the reference problem (docs/decisions.md D11, `python
+            bench/sliding_band.py --reference`).
+        qp_iterations: FISTA iterations of the box QP that picks the Clarke element.
+    """
+
     candidates: int = 64
-    # The Clarke element is applied to pre-activations within `threshold` (relative to mean |z|)
-    # of their kink, where relu(z) = alpha z holds only to O(threshold): Euler's identity, hence
-    # the Lyu & Li identity along phase 1, is off by about that much. `python bench/sliding_band.py
-    # --reference`, 2026-11-28 (ReLU L = 2, n = 16, rtol 1e-6, three seeds, largest relative
-    # residual before t0): 1e-3 -> 3.3e-5, 1e-4 -> 1.2e-6, 1e-5 -> 2e-7, at about the same cost
-    # on that problem; but on the reference problem (NOTES §6) 1e-5 crawls: 8,337 phase-2 steps
-    # (+11,663 rejected) did not reach beta = 1e3, which 1e-4 and 1e-3 reach in ~500. Phase 2
-    # takes its radial speed from Euler's identity on the margins: the band does enter its
-    # direction, though: on the ReLU problem of tests/test_rosenbrock.py's
-    # test_explicit_engine_band_error_on_the_same_problem, gamma~ at s0 + 0.5 is 7.7e-5 (relative)
-    # from converged fixed-step Euler with 1e-4 and 4.2e-7 with 1e-6 (the W-method: 2.5e-7).
     threshold: float = 1e-4
     qp_iterations: int = FISTA_ITERATIONS
 
@@ -95,7 +97,7 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
 
         Pair j belongs to one example e, so alpha_j moves m_e and grad m_e only: C[:, j] =
         p_e d(grad m_e) + dm_e G^T dp/dm_e, from one single-example forward-over-reverse pass
-        per slot (jacfwd of g took a pass over all n examples per slot: ~50x the work)."""
+        per slot (jacfwd of g takes a pass over all n examples per slot: docs/decisions.md D12)."""
         examples = jnp.concatenate([jnp.repeat(jnp.arange(shape[0]), shape[1]) for shape in shapes])
 
         def margin(v, e, alpha):
@@ -167,10 +169,8 @@ def make_velocity(predictor, unravel, X, y, sliding: SlidingOptions | None):
             none = jnp.zeros(1, bool)
             return at(jnp.zeros(1, jnp.int32), jnp.zeros(1, z.dtype), none)
 
-        # The Clarke element costs ~6-12x a plain evaluation, growing with its slots: none when
-        # no kink is near, _FEW_SLOTS when few are (phase 1 on the reference problem, L = 3,
-        # never had more than 19 near pairs and half of its evaluations <= 7; one evaluation
-        # with 64 slots: 1.05 ms, with 16: 0.54 ms). The second size costs ~1 s of compilation.
+        # The Clarke element costs several plain evaluations, growing with its slots: none when
+        # no kink is near, _FEW_SLOTS when few are (docs/decisions.md D13).
         sizes = sorted({min(_FEW_SLOTS, k), k})
         branch = jnp.where(count == 0, 0, 1 + jnp.sum(count > jnp.asarray(sizes[:-1])))
         return jax.lax.switch(branch, [off_kinks] + [on_kinks(slots) for slots in sizes], None)
