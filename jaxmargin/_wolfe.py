@@ -1,8 +1,9 @@
 """Wolfe's algorithm on a Gram matrix: the min-norm point of a convex hull, with a warm start.
 
-Shared by `min_norm_point` (Clarke sets) and the beta -> infinity limit flow (_flow/_limit.py),
-whose min-norm point over the examples on the minimum margin changes little from one step to
-the next: a warm start from the previous corral then costs one major iteration.
+Shared by `min_norm_point` (Clarke sets) and the beta -> infinity limit flow
+(_flow/_limit_field.py), whose min-norm point over the examples on the minimum margin
+changes little from one step to the next: a warm start from the previous corral then costs
+one major iteration.
 """
 
 from __future__ import annotations
