@@ -29,6 +29,7 @@ from ._flow import FlowSolution as FlowSolution  # noqa: E402
 from ._flow import FlowStatus as FlowStatus  # noqa: E402
 from ._flow import LimitFlowSolution as LimitFlowSolution  # noqa: E402
 from ._flow import SlidingOptions as SlidingOptions  # noqa: E402
+from ._flow import Status as Status  # noqa: E402
 from ._flow import gradient_flow as gradient_flow  # noqa: E402
 from ._flow import gradient_flow_batch as gradient_flow_batch  # noqa: E402
 from ._flow import limit_flow as limit_flow  # noqa: E402

@@ -31,3 +31,4 @@ from ._options import FlowOptions as FlowOptions
 from ._sliding import SlidingOptions as SlidingOptions
 from ._solution import FlowSolution as FlowSolution
 from ._solution import FlowStatus as FlowStatus
+from ._solution import Status as Status

@@ -62,7 +62,9 @@ def stage_stiff(static: StaticConfig, params0, X, y, phase1: Phase1, direction_t
     # ROS34PW2 where kinks make a step's start dear (it is shared by the stages), ROS2 for the
     # smooth models, where ROS34PW2's steps collapse earlier (docs/decisions.md D20).
     options = stiff_stage.StiffOptions(
-        tol=static.rtol, method="ros2" if geometry is None else "ros34pw2"
+        tol=static.rtol,
+        candidates=static.kink_slots,
+        method="ros2" if geometry is None else "ros34pw2",
     )
     s0 = log_norm(phase1.w1)
     theta0 = phase1.w1 * jnp.exp(-s0)
@@ -110,7 +112,7 @@ def stage_limit(
     return limit_stage.integrate(
         limit_margins,
         predictor.degree,
-        LimitOptions(tol=static.rtol),
+        LimitOptions(tol=static.rtol, candidates=static.limit_kink_slots),
         run.x,
         run.y,
         run.aux[0],
@@ -150,10 +152,13 @@ def _rows(static, unravel, X, y, phase1: Phase1, stiff: StiffRun, limit) -> Rows
 
     out = stiff.run
     outcome, steps, rejected = out.outcome, out.steps, out.rejected
+    s_limit, limit_steps = jnp.full((), jnp.nan, out.x.dtype), jnp.zeros_like(steps)
     if limit is not None:
         go_on = _continues_in_limit(stiff, phase1.s_end)
         outcome = jnp.where(go_on, limit.outcome, out.outcome)
         steps, rejected = steps + limit.steps, rejected + limit.rejected
+        s_limit = jnp.where(go_on, out.x, s_limit)
+        limit_steps = jnp.where(go_on, limit.steps, limit_steps)
         out = _merge(out, limit, go_on)
 
     def row(s, theta, aux, saved):
@@ -168,6 +173,7 @@ def _rows(static, unravel, X, y, phase1: Phase1, stiff: StiffRun, limit) -> Rows
             aux[1] - log_loss,
             q,
             jnp.exp(s) * theta,
+            theta,
             2,
             2.0 * s - log_dtau_ds,
             jnp.ones_like(s),
@@ -176,7 +182,7 @@ def _rows(static, unravel, X, y, phase1: Phase1, stiff: StiffRun, limit) -> Rows
         return jax.tree.map(lambda leaf: jnp.where(saved, leaf, jnp.inf), one)
 
     rows = jax.vmap(row)(out.xs, out.ys, out.auxs, out.saved)
-    return Rows(rows, status_of(outcome), steps, rejected, stiff.s0)
+    return Rows(rows, status_of(outcome), steps, rejected, stiff.s0, s_limit, limit_steps)
 
 
 def stage_rows(static: StaticConfig, params0, X, y, phase1: Phase1, stiff: StiffRun, limit):

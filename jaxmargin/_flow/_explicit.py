@@ -119,6 +119,7 @@ def stage_polar(static, params0, X, y, phase1: Phase1, direction_tol) -> Rows:
             state.log_t_loss - log_loss,
             pol.q,
             jnp.exp(s) * pol.theta,
+            pol.theta,
             2,
             2.0 * s - pol.log_dtau_ds,
             jnp.ones_like(s),
@@ -161,7 +162,8 @@ def stage_polar(static, params0, X, y, phase1: Phase1, direction_tol) -> Rows:
         solution.SOLVER_FAILED,
     )
     steps = sol.stats["num_accepted_steps"]
-    return Rows(sol.ys[0], code, steps, sol.stats["num_rejected_steps"], s0)
+    nan, zero = jnp.full((), jnp.nan, s0.dtype), jnp.zeros((), steps.dtype)
+    return Rows(sol.ys[0], code, steps, sol.stats["num_rejected_steps"], s0, nan, zero)
 
 
 def stage_rows(static, params0, X, y, phase1: Phase1, rows2: Rows):

@@ -30,11 +30,11 @@ from . import _limit_stage as limit_stage
 from . import _solution as solution
 from ._kink_geometry import kink_geometry, per_example_margins
 from ._limit_field import LimitOptions, choose_kinks
-from ._options import FlowOptions, with_flow_options
+from ._options import ROSENBROCK, FlowOptions, with_flow_options
 from ._rows import STATUS_OF_OUTCOME
 
 # The FlowOptions that apply to limit_flow; setting another one raises.
-_LIMIT_FLOW_OPTIONS = ("direction_tol", "num_saves", "max_steps", "rtol")
+_LIMIT_FLOW_OPTIONS = ("direction_tol", "num_saves", "max_steps", "rtol", "limit_kink_slots")
 
 
 class LimitFlowSolution(NamedTuple):
@@ -97,6 +97,7 @@ def limit_flow(
         direction_tol: stop when ||dtheta/ds|| falls below it.
         num_saves: saved points (evenly spaced in s). max_steps: integrator step budget.
         rtol: the local error tolerance on theta per step.
+        limit_kink_slots: how many pairs can be held on their kinks at once (ReLU-type nets).
 
     Returns:
         A LimitFlowSolution.
@@ -107,9 +108,12 @@ def limit_flow(
     unknown = sorted(set(option_values) - set(_LIMIT_FLOW_OPTIONS))
     if unknown:
         raise TypeError(f"limit_flow takes the options {_LIMIT_FLOW_OPTIONS}, not {unknown}")
-    options = FlowOptions.merge(options, option_values)
+    # The limit flow is the asymptotic engine's last stage: its options are that solver's.
+    options = FlowOptions.merge(options or FlowOptions(solver=ROSENBROCK), option_values)
     for field in dataclasses.fields(FlowOptions):
-        if field.name not in _LIMIT_FLOW_OPTIONS and getattr(options, field.name) != field.default:
+        if field.name in _LIMIT_FLOW_OPTIONS or field.name == "solver":
+            continue
+        if getattr(options, field.name) != field.default:
             raise ValueError(f"limit_flow does not take the option {field.name}")
     direction_tol, num_saves = options.direction_tol, options.num_saves
     max_steps, rtol = options.max_steps, options.rtol
@@ -139,6 +143,7 @@ def limit_flow(
         int(num_saves),
         int(max_steps),
         float(rtol),
+        int(options.limit_kink_slots),
         X,
         y,
         unravel(theta),
@@ -166,14 +171,16 @@ def limit_flow(
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _run(predictor, num_saves, max_steps, rtol, X, y, unit_params, s0, s_max, direction_tol):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _run(
+    predictor, num_saves, max_steps, rtol, kink_slots, X, y, unit_params, s0, s_max, direction_tol
+):
     theta, unravel = ravel_pytree(unit_params)
     degree = predictor.degree
     geometry = kink_geometry(predictor, unravel, X, y, theta)
     # With kinks the limit flow freezes the activation pattern within a step (branch values).
     margins_and_grads = per_example_margins(predictor, unravel, X, y, branch=geometry is not None)
-    options = LimitOptions(tol=rtol)
+    options = LimitOptions(tol=rtol, candidates=kink_slots)
     # Examples within 40 / beta of the minimum start on it: at most 4e-5 (beta >= 1e6), a start
     # far from the limit (small beta) begins with the examples nearest the minimum only.
     s_enter = jnp.maximum(s0, math.log(1e6) / degree)

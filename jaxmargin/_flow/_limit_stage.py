@@ -246,6 +246,9 @@ def _body(problem: LimitProblem, c: StepCarry) -> StepCarry:
     x_new = jnp.where(clipped & ~landing.truncated, problem.s_end, c.x + landing.h_done)
     aux_new = jnp.stack([tau_new, clocks.limit_log_t_loss(degree, x_new, end.q_min, end.dtheta)])
     finite = finite & jnp.all(jnp.isfinite(aux_new))
+    # A step whose clocks overflow is redone shorter, as one that fails its error test (redone
+    # at the same size, it would fail again until max_steps).
+    err = jnp.where(finite, err, jnp.inf)
     overflow = jnp.asarray(False) if kinks is None else kinks.overflow
     accept = (err <= 1.0) & landed & finite & ~overflow
 

@@ -52,6 +52,12 @@ class FlowOptions:
             from beta = 1e8 on if the W-method's steps stall there. "auto": 1e10 for models
             without kinks, 1e6 for ReLU-type models (where the W-method's steps shrink past
             ~1e6). None: the W-method all the way.
+        kink_slots: solver="rosenbrock", ReLU-type models: how many (example, unit) pairs the
+            stiff stage can hold on their kinks at once; more stops the run with TOO_MANY_KINKS.
+        limit_kink_slots: the same for the limit flow.
+
+    Options that apply only to solver="rosenbrock" (limit_beta, kink_slots, limit_kink_slots)
+    raise a ValueError when set with an explicit solver.
     """
 
     tau_max: float = 1e4
@@ -63,6 +69,8 @@ class FlowOptions:
     atol: float = 1e-10
     sliding: SlidingOptions | None = SlidingOptions()
     limit_beta: float | str | None = "auto"
+    kink_slots: int = 128
+    limit_kink_slots: int = 256
 
     def __post_init__(self):
         if self.solver not in EXPLICIT_SOLVERS + (ROSENBROCK,):
@@ -82,6 +90,17 @@ class FlowOptions:
             raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
         if self.sliding is not None and not isinstance(self.sliding, SlidingOptions):
             raise TypeError(f"sliding must be a SlidingOptions or None, got {self.sliding!r}")
+        for name in ("kink_slots", "limit_kink_slots"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.solver != ROSENBROCK:
+            for name in _ROSENBROCK_ONLY:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise ValueError(
+                        f"the option {name} applies to solver={ROSENBROCK!r} only, not to "
+                        f"solver={self.solver!r}"
+                    )
         limit_beta = self.limit_beta
         if limit_beta != "auto" and limit_beta is not None:
             if not (isinstance(limit_beta, (int, float)) and 1e6 <= limit_beta < math.inf):
@@ -126,6 +145,11 @@ def with_flow_options(names=None):
     return decorate
 
 
+# Options of the asymptotic engine only, and every option's default.
+_ROSENBROCK_ONLY = ("limit_beta", "kink_slots", "limit_kink_slots")
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(FlowOptions)}
+
+
 class StaticConfig(NamedTuple):
     """What fixes the shape of the compiled program (one compilation per value)."""
 
@@ -139,6 +163,8 @@ class StaticConfig(NamedTuple):
     stop_on_direction: bool
     sliding: SlidingOptions | None
     limit_beta: float | None  # None: no limit-flow stage
+    kink_slots: int
+    limit_kink_slots: int
 
     @property
     def asymptotic(self) -> bool:
@@ -168,4 +194,6 @@ def static_config(options: FlowOptions, predictor, s_target) -> StaticConfig:
         options.direction_tol is not None,
         options.sliding,
         None if limit_beta is None else float(limit_beta),
+        int(options.kink_slots),
+        int(options.limit_kink_slots),
     )

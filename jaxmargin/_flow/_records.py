@@ -11,9 +11,10 @@ from ._fields import SeedState, margins_summary, seed_velocity
 
 
 def record(
-    degree, unravel, s, tau, log_t, q, params_flat, phase, log_abs_lhs, sign_lhs
+    degree, unravel, s, tau, log_t, q, params_flat, theta, phase, log_abs_lhs, sign_lhs
 ) -> solution.FlowSolution:
-    """One saved row: the clocks, the margins from the unit-norm margins q, the params."""
+    """One saved row: the clocks, the margins from the unit-norm margins q, the params and their
+    unit direction theta."""
     log_loss, soft, hard = margins_summary(degree, s, q)
     return solution.FlowSolution(
         s=s,
@@ -24,6 +25,7 @@ def record(
         soft_margin=soft,
         hard_margin=hard,
         params=unravel(params_flat),
+        direction=unravel(theta),
         # Unused save slots are padded with inf, so every saved leaf is a float.
         phase=jnp.asarray(phase, jnp.float64),
         log_half_drho2_dtau=log_abs_lhs,
@@ -50,6 +52,7 @@ def seed_recorder(margin_fn, velocity_fn, unravel, degree):
             jnp.log(state.t),
             margin_fn(theta),
             state.w,
+            theta,
             1,
             jnp.log(jnp.abs(half_drho2)),
             jnp.sign(half_drho2),

@@ -41,6 +41,8 @@ class Rows(NamedTuple):
     steps: jax.Array
     rejected: jax.Array
     s0: jax.Array
+    s_limit: jax.Array  # where the limit flow took over (nan: it did not)
+    limit_steps: jax.Array
 
 
 def finish(static, params0, X, y, phase1: Phase1, rows2: Rows, log_t_loss1):
@@ -88,5 +90,7 @@ def finish(static, params0, X, y, phase1: Phase1, rows2: Rows, log_t_loss1):
         s0=jnp.where(separated, rows2.s0, jnp.nan),
         log_t0=jnp.where(separated, log_t_loss1 - jax.nn.logsumexp(-margin_fn(phase1.w1)), jnp.nan),
         best_soft_margin=jnp.max(valid_soft),
+        s_limit=jnp.where(separated & run_phase2, rows2.s_limit, jnp.nan),
+        limit_steps=rows2.limit_steps,
     )
     return rows._replace(status=status)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 import jax
 
-# Status codes, in the order they are checked: the first that applies is reported.
-REACHED_TARGET = 0
-DIRECTION_CONVERGED = 1
-MAX_STEPS = 2
-SOLVER_FAILED = 3
-NOT_SEPARATED = 4
-TOO_MANY_KINKS = 5
+
+class Status(enum.IntEnum):
+    """How a run ended: FlowStatus.code (an int array) compares equal to these."""
+
+    REACHED_TARGET = 0
+    DIRECTION_CONVERGED = 1
+    MAX_STEPS = 2
+    SOLVER_FAILED = 3
+    NOT_SEPARATED = 4
+    TOO_MANY_KINKS = 5
+
+    @property
+    def message(self) -> str:
+        return STATUS_MESSAGES[self]
+
+
+REACHED_TARGET = Status.REACHED_TARGET
+DIRECTION_CONVERGED = Status.DIRECTION_CONVERGED
+MAX_STEPS = Status.MAX_STEPS
+SOLVER_FAILED = Status.SOLVER_FAILED
+NOT_SEPARATED = Status.NOT_SEPARATED
+TOO_MANY_KINKS = Status.TOO_MANY_KINKS
 
 STATUS_MESSAGES = {
     REACHED_TARGET: "reached the target (beta_max or s_max)",
@@ -22,8 +38,8 @@ STATUS_MESSAGES = {
     " the outputs stop at the last good point",
     NOT_SEPARATED: "the soft margin never became positive within tau_max / max_steps:"
     " the model did not separate the data",
-    TOO_MANY_KINKS: "more ReLU pre-activations sat on their kinks than the integrator examines"
-    " (its `candidates` option); the outputs stop at the last good point",
+    TOO_MANY_KINKS: "more ReLU pre-activations sat on their kinks than the integrator has slots"
+    " for: raise the option kink_slots (FlowOptions); the outputs stop at the last good point",
 }
 
 
@@ -31,12 +47,15 @@ class FlowStatus(NamedTuple):
     """How a run ended.
 
     Attributes:
-        code: one of the codes in STATUS_MESSAGES (an int array; batched runs have one each).
+        code: a Status (an int array; batched runs have one each).
         separated: whether the soft margin became positive (phase 2 was reached).
-        steps: accepted solver steps, phase 1 and phase 2 (shape (2,)).
-        rejected_steps: rejected solver steps, phase 1 and phase 2 (shape (2,)).
+        steps: accepted solver steps, phase 1 and after t0 (shape (2,)).
+        rejected_steps: rejected solver steps, phase 1 and after t0 (shape (2,)).
         tau0, s0, log_t0: the clocks at t0, when the soft margin first exceeded 0.
         best_soft_margin: the largest soft margin among the saved points.
+        s_limit: s = ln ||w|| where the beta -> infinity limit flow took over (nan where it
+            did not; solver="rosenbrock" only). The stiff stage runs from s0 to s_limit.
+        limit_steps: accepted steps of the limit flow (part of steps[1]).
     """
 
     code: jax.Array
@@ -47,6 +66,8 @@ class FlowStatus(NamedTuple):
     s0: jax.Array
     log_t0: jax.Array
     best_soft_margin: jax.Array
+    s_limit: jax.Array
+    limit_steps: jax.Array
 
     @property
     def message(self) -> str:
@@ -67,7 +88,9 @@ class FlowSolution(NamedTuple):
         log_loss: ln L(w) = ln sum_i exp(-m_i(w)).
         soft_margin: -ln L(w) / ||w||^L.
         hard_margin: min_i m_i(w) / ||w||^L.
-        params: w at each saved point.
+        params: w at each saved point (not finite where ||w|| exceeds float64's range).
+        direction: the unit direction theta = w / ||w|| at each saved point (a params pytree;
+            finite at any s).
         phase: 1 before t0, 2 after.
         log_half_drho2_dtau, sign_half_drho2_dtau: (1/2) d||w||^2/dtau as the integrator saw
             it (log of its absolute value and its sign), for the Lyu & Li identity check.
@@ -83,6 +106,7 @@ class FlowSolution(NamedTuple):
     soft_margin: jax.Array
     hard_margin: jax.Array
     params: tuple
+    direction: tuple
     phase: jax.Array
     log_half_drho2_dtau: jax.Array
     sign_half_drho2_dtau: jax.Array

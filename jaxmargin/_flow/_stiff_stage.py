@@ -215,7 +215,8 @@ def _advance(problem: StiffProblem, c: StepCarry, start: StepStart, attempt: Att
     finite = attempt.finite & jnp.all(jnp.isfinite(aux_new))
     accept = passed & finite
 
-    h, clipped, err = attempt.h, attempt.clipped, attempt.err
+    # A step whose clocks overflow is redone shorter, as one that fails its error test.
+    h, clipped, err = attempt.h, attempt.clipped, jnp.where(finite, attempt.err, jnp.inf)
     factor = stepping.error_factor(err, order, 4.0)
     h_next, h_resume = stepping.next_step(c, accept, clipped, h, factor, attempt.h_land, err <= 1.0)
     x_new = jnp.where(clipped, attempt.target, c.x + h)
