@@ -14,9 +14,9 @@ the same wall time.
 
 Printed per problem: status, log10 beta reached, wall time, steps (accepted + rejected) of
 phase 1 and after t0, where the limit flow took over, gamma~ at the end, the largest decrease of
-gamma~ between saved points after t0 relative to the final gamma~, and GD's log10 beta and
-gamma~ in the same time. Then the share that reached beta = 1e12, and the median and worst wall
-time of those.
+gamma~ between saved points after t0 relative to the final gamma~ (negative: it rose between
+every pair; "max decr"), and GD's log10 beta and gamma~ in the same time. Then the share that
+reached beta = 1e12, and the median and worst wall time of those.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ import jax.numpy as jnp
 
 from ._kink_geometry import KinkGeometry
 
+# project_onto_kinks keeps the near-support margins only while that costs at most this many times
+# the plain min-norm correction onto the kinks.
+KEEP_GAIN = 10.0
+
 
 def landing_band(floor, rate, speed, tol):
     """Per pair, how far from its kink (in z) a step may end and count as landed on it: the
@@ -96,7 +100,19 @@ def project_onto_kinks(
         targets = jnp.concatenate(
             [jnp.where(active, z / norms, 0.0), jnp.zeros(keep.shape[0], y.dtype)]
         )
-        return y_unit - A.T @ jax.scipy.linalg.cho_solve(factor, targets)
+        kept = A.T @ jax.scipy.linalg.cho_solve(factor, targets)
+        # The plain min-norm correction onto the kinks alone. Where a held kink's gradient lies
+        # (nearly) in the span of the kept margins' gradients, keeping those margins forces a
+        # move of ~|z| / (its distance to that span), far beyond the step's tolerance, and
+        # gamma~ falls (docs/decisions.md D48, tests/test_kink_projection.py). The margins
+        # cannot be kept there; the kinks are put back by the plain correction.
+        R = A[:k]
+        rows_gram = R @ R.T + jnp.diag(jnp.where(active, 1e-13, 1.0))
+        plain = R.T @ jax.scipy.linalg.cho_solve(
+            jax.scipy.linalg.cho_factor(rows_gram), targets[:k]
+        )
+        compatible = jnp.linalg.norm(kept) <= KEEP_GAIN * jnp.linalg.norm(plain)
+        return y_unit - jnp.where(compatible, kept, plain)
 
     # A loop, not unrolled: one copy in the compiled program.
     y = jax.lax.fori_loop(0, sweeps, sweep, y)
