@@ -48,15 +48,15 @@ from ._predictors import Predictor as Predictor  # noqa: E402
 from ._predictors import deep_linear as deep_linear  # noqa: E402
 from ._predictors import diagonal_linear as diagonal_linear  # noqa: E402
 from ._predictors import kinked_linear as kinked_linear  # noqa: E402
-from ._predictors import leaky_relu_mlp as leaky_relu_mlp  # noqa: E402
 from ._predictors import linear as linear  # noqa: E402
-from ._predictors import relu_cnn as relu_cnn  # noqa: E402
-from ._predictors import relu_mlp as relu_mlp  # noqa: E402
 from ._references_linear import MaxMarginSolution as MaxMarginSolution  # noqa: E402
 from ._references_linear import l1_max_margin as l1_max_margin  # noqa: E402
 from ._references_linear import l1_max_margin_is_unique as l1_max_margin_is_unique  # noqa: E402
 from ._references_linear import soudry_dataset as soudry_dataset  # noqa: E402
 from ._references_linear import svm_direction as svm_direction  # noqa: E402
+from ._relu_nets import leaky_relu_mlp as leaky_relu_mlp  # noqa: E402
+from ._relu_nets import relu_cnn as relu_cnn  # noqa: E402
+from ._relu_nets import relu_mlp as relu_mlp  # noqa: E402
 from ._sweep import sweep_gradient_flow as sweep_gradient_flow  # noqa: E402
 
 try:

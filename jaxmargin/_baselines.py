@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from ._margins import log_norm, polar, raw_margins, soft_margin_from_scaled
-from ._predictors import Params, Predictor, _check_positive_int
+from ._predictors import Params, Predictor, check_positive_int
 from ._validation import check_all, check_choice
 
 SCHEDULES = ("constant", "loss_based", "normalized")
@@ -266,8 +266,8 @@ def gradient_descent(
     """
     check_choice("schedule", schedule, SCHEDULES)
     predictor, params0, X, y = check_all(predictor, params0, X, y)
-    steps = _check_positive_int("steps", steps)
-    num_logs = _check_positive_int("num_logs", num_logs)
+    steps = check_positive_int("steps", steps)
+    num_logs = check_positive_int("num_logs", num_logs)
     step_size0 = _initial_step_size(schedule, lr, alpha0)
     final, logs = _run(
         predictor, params0, X, y, step_size0, schedule=schedule, steps=steps, num_logs=num_logs

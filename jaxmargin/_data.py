@@ -24,7 +24,7 @@ def reference_problem(
     key and a weight key; a bias-free ReLU MLP of `width` and `depth` layers, weights
     N(0, 1/fan_in) times init_scale.
     """
-    from ._predictors import relu_mlp
+    from ._relu_nets import relu_mlp
 
     data_key, weight_key = jax.random.split(jax.random.key(seed))
     X = jax.random.normal(data_key, (n, dim), dtype=jnp.float64)
