@@ -161,11 +161,11 @@ def _rows(static, unravel, X, y, phase1: Phase1, stiff: StiffRun, limit) -> Rows
         limit_steps = jnp.where(go_on, limit.steps, limit_steps)
         out = _merge(out, limit, go_on)
 
-    def row(s, theta, aux, saved):
+    def row(s, theta, aux):
         q = margins(theta)
         log_loss, _, _ = margins_summary(degree, s, q)
         log_dtau_ds = clocks.clock_exponents(degree, margins, s, theta)[0]
-        one = records.record(
+        return records.record(
             degree,
             unravel,
             s,
@@ -178,10 +178,9 @@ def _rows(static, unravel, X, y, phase1: Phase1, stiff: StiffRun, limit) -> Rows
             2.0 * s - log_dtau_ds,
             jnp.ones_like(s),
         )
-        # Unused rows are inf, as the explicit chain pads them.
-        return jax.tree.map(lambda leaf: jnp.where(saved, leaf, jnp.inf), one)
 
-    rows = jax.vmap(row)(out.xs, out.ys, out.auxs, out.saved)
+    # Unused rows are inf, as the explicit chain pads them.
+    rows = records.blank_unsaved(jax.vmap(row)(out.xs, out.ys, out.auxs), out.saved)
     return Rows(rows, status_of(outcome), steps, rejected, stiff.s0, s_limit, limit_steps)
 
 
