@@ -536,3 +536,41 @@ def test_explicit_engine_band_error_on_the_same_problem():
     print(f"explicit engine, relative error of gamma~ at s0 + 0.5: {errors}")
     assert errors[1] <= 2e-6
     assert errors[0] >= 10.0 * errors[1]
+
+
+def test_steps_sized_by_the_pairs_on_kinks_take_the_capacitys_path(monkeypatch):
+    """The stiff stage and the limit flow size each step's kink work by the pairs on kinks
+    (stepping.loop_by_slots). With 2 slots below the capacity of 16 (P = 96 pairs) the runs
+    switch sizes many times; they must end as the run at the capacity alone does (status, the
+    switch to the limit flow, gamma~ to the step tolerance) and gamma~ must never fall."""
+    import collections
+
+    from jaxmargin._flow import _pipeline as pipeline
+    from jaxmargin._flow import _stepping as stepping
+
+    predictor, start, X, y, _ = _relu_phase2_problem()
+    options = dict(
+        beta_max=1e9,
+        solver="rosenbrock",
+        rtol=1e-6,
+        kink_slots=16,
+        limit_kink_slots=16,
+        limit_beta=1e6,
+        num_saves=40,
+    )
+    runs = []
+    for sizes in ((), (2,)):
+        monkeypatch.setattr(stepping, "SLOT_SIZES", sizes)
+        # The sizes are read when the stages are traced: no compiled program may be reused.
+        monkeypatch.setattr(pipeline, "_cache", collections.OrderedDict())
+        jax.clear_caches()
+        runs.append(jm.gradient_flow(predictor, start, X, y, **options))
+    capacity, sized = runs
+    for run in runs:
+        assert run.status.code == codes.REACHED_TARGET, run.status.message
+        assert np.isfinite(float(run.status.s_limit))
+        assert theorem5_max_decrease(run) <= 1e-8
+    np.testing.assert_allclose(float(sized.status.s_limit), float(capacity.status.s_limit))
+    np.testing.assert_allclose(
+        float(sized.soft_margin[-1]), float(capacity.soft_margin[-1]), rtol=1e-5
+    )

@@ -14,7 +14,8 @@ _limit_stage   the limit flow integrated (Dormand-Prince with an active set)
 _limit_landing the limit flow's kink landings on the dense output
 _limit_flow    limit_flow: the limit flow on its own, to the direction's convergence
 _clocks        tau and ln(t L) by quadrature along each step
-_stepping      what the integrators share: Outcome, the loop's carry, step control, saves
+_stepping      what the integrators share: Outcome, the loop's carry, step control, saves,
+               the kink slots of a step sized by the pairs on kinks (loop_by_slots)
 _explicit      the reference chain on diffrax's explicit solvers
 _fields        the seed's and the polar field (docs/background.md §2)
 _sliding       the Filippov velocity on sliding kinks, for phase 1 and the explicit solvers

@@ -86,6 +86,8 @@ def project_onto_kinks(
         0.0,
     )
 
+    keep_gram = keep @ keep.T  # the same in every sweep (n^2 d: the dearest product here)
+
     def sweep(_, y):
         y_unit = y / jnp.linalg.norm(y)
         slots = jnp.nonzero(hold, size=k, fill_value=0)[0]
@@ -93,9 +95,12 @@ def project_onto_kinks(
         z = geometry.preactivations(y_unit)[slots]
         rows = geometry.rows(y_unit, slots, gates)
         norms = jnp.maximum(jnp.linalg.norm(rows, axis=1), 1e-300)
-        A = jnp.concatenate([jnp.where(active[:, None], rows / norms[:, None], 0.0), keep])
+        R = jnp.where(active[:, None], rows / norms[:, None], 0.0)
+        A = jnp.concatenate([R, keep])
         on = jnp.concatenate([active, keep_mask])
-        gram = A @ A.T + jnp.diag(jnp.where(on, 1e-13, 1.0))
+        cross = R @ keep.T
+        gram = jnp.block([[R @ R.T, cross], [cross.T, keep_gram]])
+        gram = gram + jnp.diag(jnp.where(on, 1e-13, 1.0))
         factor = jax.scipy.linalg.cho_factor(gram)
         targets = jnp.concatenate(
             [jnp.where(active, z / norms, 0.0), jnp.zeros(keep.shape[0], y.dtype)]
@@ -106,10 +111,8 @@ def project_onto_kinks(
         # move of ~|z| / (its distance to that span), far beyond the step's tolerance, and
         # gamma~ falls (docs/decisions.md D48, tests/test_kink_projection.py). The margins
         # cannot be kept there; the kinks are put back by the plain correction.
-        R = A[:k]
-        rows_gram = R @ R.T + jnp.diag(jnp.where(active, 1e-13, 1.0))
         plain = R.T @ jax.scipy.linalg.cho_solve(
-            jax.scipy.linalg.cho_factor(rows_gram), targets[:k]
+            jax.scipy.linalg.cho_factor(gram[:k, :k]), targets[:k]
         )
         compatible = jnp.linalg.norm(kept) <= KEEP_GAIN * jnp.linalg.norm(plain)
         return y_unit - jnp.where(compatible, kept, plain)

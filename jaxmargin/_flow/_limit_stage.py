@@ -39,6 +39,7 @@ from ._limit_field import (
     equalize,
     evaluate,
     held_pairs,
+    unit_scale,
 )
 from ._limit_landing import land_on_kinks
 from ._stepping import Outcome, StepCarry
@@ -52,7 +53,8 @@ class LimitProblem(NamedTuple):
 
     margins_and_grads: object  # branch margins where there are kinks (frozen pattern per step)
     degree: int
-    options: LimitOptions
+    options: LimitOptions  # its candidates: the kink slots of the current steps
+    capacity: int  # the most kink slots (loop_by_slots picks the steps' slots up to it)
     geometry: KinkGeometry | None
     s_end: jax.Array
     save_xs: jax.Array
@@ -124,15 +126,27 @@ def _finish(problem: LimitProblem, theta_new, F1, last, kinks, active, held):
     clocks: the next step's Wolfe call may change E, not the common margin), the gaps to the
     common margin)."""
     geometry = problem.geometry
-    theta_new = equalize(
-        problem.margins_and_grads,
-        theta_new,
-        active,
-        geometry=geometry,
-        kinks=kinks,
-        held=held,
-        candidates=problem.options.candidates,
-    )
+
+    def onto(slots):
+        return lambda theta: equalize(
+            problem.margins_and_grads,
+            theta,
+            active,
+            geometry=geometry,
+            kinks=kinks,
+            held=held,
+            candidates=slots,
+        )
+
+    if geometry is None or problem.options.candidates == problem.capacity:
+        theta_new = onto(problem.options.candidates)(theta_new)
+    else:  # crossings can hold more pairs than the step's slots: those take the capacity's
+        theta_new = jax.lax.cond(
+            jnp.sum(held) <= problem.options.candidates,
+            onto(problem.options.candidates),
+            onto(problem.capacity),
+            theta_new,
+        )
     end = evaluate(problem.margins_and_grads, problem.degree, theta_new, active, geometry, kinks)
     if geometry is None:
         gap1 = last.margins - last.q_min
@@ -326,6 +340,7 @@ def integrate(
         margins_and_grads=margins_and_grads,
         degree=degree,
         options=options,
+        capacity=options.candidates,
         geometry=geometry,
         s_end=s_end,
         save_xs=save_ss,
@@ -336,11 +351,26 @@ def integrate(
     # Wolfe starts from the example of smallest margin (always allowed).
     q0, _ = margins_and_grads(theta0, None)
     weights0 = jnp.zeros_like(q0).at[jnp.argmin(q0)].set(1.0)
-    # The step's start (Wolfe, the kinks' Clarke element) is kept for a rejected step's redo.
-    start = stepping.placeholder(lambda: _start_field(problem, theta0, weights0, True))
     aux0 = jnp.stack([jnp.asarray(tau0, dtype), jnp.asarray(jnp.nan, dtype)])  # set on entry
     carry = stepping.initial_carry(
-        s0, theta0, aux0, weights0, options.first_step, save_ss, False, s_end, start
+        s0, theta0, aux0, weights0, options.first_step, save_ss, False, s_end, None
     )
-    out = jax.lax.while_loop(lambda c: c.outcome < 0, lambda c: _body(problem, c), carry)
+
+    def count_on_kinks(c: StepCarry):
+        z = geometry.preactivations(c.y / jnp.linalg.norm(c.y))
+        return jnp.sum(jnp.abs(z) <= options.on_kink * unit_scale(z, q0.shape[0]))
+
+    def sized(size):
+        return problem._replace(options=options._replace(candidates=size))
+
+    def start_of(size, c: StepCarry):
+        return stepping.placeholder(lambda: _start_field(sized(size), c.y, c.z, True))
+
+    def body_of(size):
+        return lambda c: _body(sized(size), c)
+
+    sizes = stepping.slot_sizes(
+        options.candidates, None if geometry is None else geometry.num_pairs
+    )
+    out = stepping.loop_by_slots(carry, sizes, count_on_kinks, start_of, body_of)
     return stepping.integration(out, steps=jnp.maximum(out.steps - 1, 0))

@@ -170,3 +170,53 @@ def end_with(new: StepCarry, outcome, at_save) -> StepCarry:
     off_grid = (outcome >= 0) & ~at_save & (new.index < S)
     new = jax.tree.map(lambda a, b: jnp.where(off_grid, a, b), final, new)
     return new._replace(index=new.index + off_grid)
+
+
+# Smaller slot counts a run switches to while few pairs sit on their kinks (see slot_sizes).
+SLOT_SIZES = (32,)
+
+
+def slot_sizes(capacity, num_pairs):
+    """The slot counts a run switches between: the smaller SLOT_SIZES below the capacity, then
+    the capacity (at most the number of pairs). A step's kink work (the Clarke element's Gram
+    and box QP, the projection onto the kinks) grows with its slots, not with the pairs on
+    kinks: a step with few pairs on kinks runs with few slots (docs/decisions.md D49)."""
+    if num_pairs is None:
+        return (capacity,)
+    top = min(capacity, num_pairs)
+    return tuple(size for size in SLOT_SIZES if size < top) + (top,)
+
+
+def loop_by_slots(carry: StepCarry, sizes, count_on_kinks, start_of, body_of) -> StepCarry:
+    """The integrator's while loop, each step with the fewest of `sizes` kink slots that fit the
+    pairs on kinks at its start. body_of(size): carry -> carry, one step attempt with that many
+    slots; start_of(size, carry): a placeholder of its start products; count_on_kinks(carry):
+    the pairs on kinks. A size runs until the run ends or the count leaves its range: above the
+    size (except the largest, whose steps report the overflow), or at most half the next
+    smaller size (hysteresis: no switching back and forth)."""
+
+    def loop(j):
+        size, top = sizes[j], j == len(sizes) - 1
+        low = sizes[j - 1] // 2 if j > 0 else -1
+
+        def going(c: StepCarry):
+            if len(sizes) == 1:
+                return c.outcome < 0
+            count = count_on_kinks(c)
+            return (c.outcome < 0) & (count > low) & ((count <= size) | top)
+
+        def run(c: StepCarry):
+            c = c._replace(start=start_of(size, c), fresh=jnp.asarray(True))
+            return jax.lax.while_loop(going, body_of(size), c)._replace(start=None)
+
+        return run
+
+    if len(sizes) == 1:
+        return loop(0)(carry)
+    loops = [loop(j) for j in range(len(sizes))]
+
+    def run_fitting(c: StepCarry):
+        fitting = jnp.searchsorted(jnp.asarray(sizes), count_on_kinks(c))
+        return jax.lax.switch(jnp.minimum(fitting, len(sizes) - 1), loops, c)
+
+    return jax.lax.while_loop(lambda c: c.outcome < 0, run_fitting, carry)

@@ -67,6 +67,7 @@ class StiffProblem(NamedTuple):
     stage_fields: object  # the same with gated units on their frozen linear pieces
     geometry: KinkGeometry | None
     options: StiffOptions
+    slots: int  # kink slots of the current steps (at most options.candidates: slot_sizes)
     x_end: jax.Array
     save_xs: jax.Array
     max_steps: int
@@ -80,6 +81,7 @@ class StepStart(NamedTuple):
     kinks: KinkStep
     field: PolarField
     stiff: jax.Array  # V, the stiff part A = -V V^T
+    stiff_gram: jax.Array  # V^T V, for the W-solves of every size tried from this start
     field_rate: jax.Array  # dF/ds at the start
 
 
@@ -104,8 +106,9 @@ def _preactivations(problem: StiffProblem, theta):
 
 
 def _step_start(problem: StiffProblem, s, theta, z) -> StepStart:
+    options = problem.options._replace(candidates=problem.slots)
     kinks = kink_step(
-        problem.geometry, problem.margins_and_grads, problem.degree, problem.options, s, theta, z
+        problem.geometry, problem.margins_and_grads, problem.degree, options, s, theta, z
     )
     project = kinks.projector()
 
@@ -117,7 +120,8 @@ def _step_start(problem: StiffProblem, s, theta, z) -> StepStart:
     # ~ beta in the stiff directions; W-methods take it as the column of the augmented
     # system's Jacobian (s' = 1), i.e. + gamma_i h dF/ds in stage i (see _w_step.py).
     _, field_rate = jax.jvp(field_dy, (s,), (jnp.ones_like(s),))
-    return StepStart(kinks, field, stiff_factor(field, project), field_rate)
+    V = stiff_factor(field, project)
+    return StepStart(kinks, field, V, V.T @ V, field_rate)
 
 
 def _attempt(problem: StiffProblem, c: StepCarry, start: StepStart) -> Attempt:
@@ -134,7 +138,7 @@ def _attempt(problem: StiffProblem, c: StepCarry, start: StepStart) -> Attempt:
         return evaluate(problem.degree, problem.stage_fields, projector, x, y, start.kinks.gates).dy
 
     k1, y_new, err_y = method_step(
-        field_at, start.stiff, start.field_rate, c.x, c.y, h, start.field.dy
+        field_at, start.stiff, start.field_rate, c.x, c.y, h, start.field.dy, start.stiff_gram
     )
     # Only the direction is controlled: the clocks are integrated by quadrature after the step.
     err = jnp.linalg.norm(err_y) / problem.options.tol
@@ -163,18 +167,24 @@ def _finish(problem: StiffProblem, c: StepCarry, start: StepStart, attempt: Atte
     y_acc = attempt.y_new
     if problem.geometry is not None:
         hold = start.kinks.sliding | attempt.crossed
-        y_acc = jax.lax.cond(
-            jnp.any(hold),
-            lambda v: project_onto_kinks(
+
+        def onto_kinks(slots):
+            return lambda v: project_onto_kinks(
                 problem.geometry,
-                problem.options.candidates,
+                slots,
                 v,
                 hold,
                 start.field.grads,
                 start.field.weights > 1e-12,
                 start.kinks.gates,
-            ),
-            lambda v: v,
+            )
+
+        # Crossings can hold more pairs than the step's slots: those take the capacity's.
+        held = jnp.sum(hold)
+        branch = jnp.where(held == 0, 0, jnp.where(held <= problem.slots, 1, 2))
+        y_acc = jax.lax.switch(
+            branch,
+            [lambda v: v, onto_kinks(problem.slots), onto_kinks(problem.options.candidates)],
             y_acc,
         )
     h, L = attempt.h, problem.degree
@@ -298,6 +308,7 @@ def integrate(
         stage_fields=margins_and_grads if stage_fields is None else stage_fields,
         geometry=geometry,
         options=options,
+        slots=options.candidates,
         x_end=s_end,
         save_xs=save_ss,
         max_steps=max_steps,
@@ -305,16 +316,31 @@ def integrate(
         stall=stall,
     )
     z0 = _preactivations(problem, theta0)
-    start = stepping.placeholder(lambda: _step_start(problem, s0, theta0, z0))
     carry = stepping.initial_carry(
-        s0, theta0, aux0, z0, options.first_step, save_ss, True, s_end, start
+        s0, theta0, aux0, z0, options.first_step, save_ss, True, s_end, None
     )
 
-    def body(c: StepCarry):
-        start = stepping.reuse_after_rejection(
-            c.fresh, lambda: _step_start(problem, c.x, c.y, c.z), c.start
-        )
-        return _advance(problem, c, start, _attempt(problem, c, start))
+    def count_on_kinks(c: StepCarry):
+        scale = jnp.maximum(jnp.mean(jnp.abs(c.z)), 1e-300)
+        return jnp.sum(jnp.abs(c.z) <= options.on_kink * scale)
 
-    out = jax.lax.while_loop(lambda c: c.outcome < 0, body, carry)
+    def start_of(size, c: StepCarry):
+        sized = problem._replace(slots=size)
+        return stepping.placeholder(lambda: _step_start(sized, c.x, c.y, c.z))
+
+    def body_of(size):
+        sized = problem._replace(slots=size)
+
+        def body(c: StepCarry):
+            start = stepping.reuse_after_rejection(
+                c.fresh, lambda: _step_start(sized, c.x, c.y, c.z), c.start
+            )
+            return _advance(sized, c, start, _attempt(sized, c, start))
+
+        return body
+
+    sizes = stepping.slot_sizes(
+        options.candidates, None if geometry is None else geometry.num_pairs
+    )
+    out = stepping.loop_by_slots(carry, sizes, count_on_kinks, start_of, body_of)
     return stepping.integration(out)

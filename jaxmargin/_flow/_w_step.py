@@ -88,13 +88,15 @@ def stiff_factor(field: PolarField, projector):
     return jnp.sqrt(field.stiff_scale) * V
 
 
-def w_solver(V, h, gamma=GAMMA):
-    """b -> W^{-1} b for W = I - gamma h A, A = -V V^T (Woodbury)."""
+def w_solver(V, h, gamma=GAMMA, gram=None):
+    """b -> W^{-1} b for W = I - gamma h A, A = -V V^T (Woodbury). `gram`: V^T V, where the
+    caller keeps it for several step sizes (it costs n^2 d, the rest of the solve n^3 + n d)."""
     a = gamma * h
     n = V.shape[1]
+    gram = V.T @ V if gram is None else gram
     # M's eigenvalues are >= 1 (no diagonal scaling: scaled, its near-null directions, the
     # softmax's sum-to-one direction, made Cholesky break down at beta ~ 1e11).
-    M = jnp.eye(n, dtype=V.dtype) + a * (V.T @ V)
+    M = jnp.eye(n, dtype=V.dtype) + a * gram
     factor = jax.scipy.linalg.cho_factor(M)
 
     def solve_m(r):
@@ -109,19 +111,19 @@ def w_solver(V, h, gamma=GAMMA):
     return solve
 
 
-def ros2_step(field_at, V, field_rate, x, y, h, field0):
+def ros2_step(field_at, V, field_rate, x, y, h, field0, gram=None):
     """One ROS2 step of size h from (x, y): (first stage k_1, y_new, embedded first-order error
     estimate). field_at(x, y) is the field, field0 = field_at(x, y), A = -V V^T its stiff part,
-    field_rate = dF/dx at (x, y) (the non-autonomous column)."""
-    solve = w_solver(V, h)
+    field_rate = dF/dx at (x, y) (the non-autonomous column); gram = V^T V if known."""
+    solve = w_solver(V, h, GAMMA, gram)
     k1 = solve(field0 + GAMMA * h * field_rate)
     k2 = solve(field_at(x + h, y + h * k1) - 2.0 * k1 - GAMMA * h * field_rate)
     return k1, y + h * (1.5 * k1 + 0.5 * k2), 0.5 * h * (k1 + k2)
 
 
-def ros34pw2_step(field_at, V, field_rate, x, y, h, field0):
+def ros34pw2_step(field_at, V, field_rate, x, y, h, field0, gram=None):
     """One ROS34PW2 step, as ros2_step (embedded estimate of second order)."""
-    solve = w_solver(V, h, GAMMA_34)
+    solve = w_solver(V, h, GAMMA_34, gram)
     stages = []
     for i in range(len(_B)):
         if i == 0:
