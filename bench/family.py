@@ -1,6 +1,7 @@
 """The asymptotic engine on a fixed family of problems chosen before tuning, against GD.
 
     python bench/family.py [--timeout 120] [--only NAME] [--first N] [--no-gd] [--solver S]
+                           [--shard K/N]
 
 The family (fixed by the seed below, not tuned on): 30 synthetic problems, bias-free ReLU MLPs
 with n in {20, 50, 100, 200, 400}, d in {2, 4, 8, 16, 64}, width in {8, 16, 32, 64, 128},
@@ -194,9 +195,13 @@ def main():
     parser.add_argument("--first", type=int, default=None, help="only the first N problems")
     parser.add_argument("--no-gd", action="store_true", help="skip the GD comparison")
     parser.add_argument("--solver", default="rosenbrock")
+    parser.add_argument(
+        "--shard", default="0/1", help="K/N: every N-th problem from the K-th (N runs side by side)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PJRT_NPROC", "1")  # as bench/asymptotic.py (docs/decisions.md D41)
-    problems = [p for p in _family() if args.only in p["name"]][: args.first]
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    problems = [p for p in _family() if args.only in p["name"]][: args.first][shard::shards]
     print(f"solver={args.solver}, target beta = {TARGET:.0e}, timeout {args.timeout:.0f} s")
     header = (
         f"{'problem':20s} {'size':>22s} {'status':26s} {'lg beta':>7s} {'wall s':>6s} "
