@@ -181,12 +181,11 @@ def _finish(problem: StiffProblem, c: StepCarry, start: StepStart, attempt: Atte
 
         # Crossings can hold more pairs than the step's slots: those take the capacity's.
         held = jnp.sum(hold)
-        branch = jnp.where(held == 0, 0, jnp.where(held <= problem.slots, 1, 2))
-        y_acc = jax.lax.switch(
-            branch,
-            [lambda v: v, onto_kinks(problem.slots), onto_kinks(problem.options.candidates)],
-            y_acc,
-        )
+        branches = [lambda v: v, onto_kinks(problem.slots)]
+        if problem.slots < problem.options.candidates:
+            branches.append(onto_kinks(problem.options.candidates))
+        branch = jnp.where(held == 0, 0, jnp.where(held <= problem.slots, 1, len(branches) - 1))
+        y_acc = jax.lax.switch(branch, branches, y_acc)
     h, L = attempt.h, problem.degree
     at_start = clocks.clock_exponents(L, problem.margins, c.x, c.y)
     at_end = clocks.clock_exponents(L, problem.margins, c.x + h, y_acc)
