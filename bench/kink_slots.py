@@ -8,7 +8,8 @@ to t0, then the stiff stage for --attempts step attempts, compiled ahead and tim
 compilation, twice: with every step's kink work (Clarke element, projection onto the kinks) at
 the capacity's 128 slots (SLOT_SIZES = ()), and with the default slot sizes (a smaller size while
 the pairs on kinks fit it; docs/decisions.md D49). Prints ms per attempt side by side, their
-ratio, and both runs' steps and end point (the steps take the same path up to rounding).
+ratio, the stage's compilation time each way (the sized stage compiles a loop per size), and
+both runs' steps and end point (the steps take the same path up to rounding).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ def _stiff_run(static, params0, X, y, first, slot_sizes):
     def stage(p0, X, y, first):
         return _asymptotic.stage_stiff(static, p0, X, y, first, jnp.asarray(0.0))
 
+    start = time.perf_counter()
     compiled = jax.jit(stage).lower(params0, X, y, first).compile()
+    compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     out = jax.block_until_ready(compiled(params0, X, y, first))
-    return out.run, time.perf_counter() - start
+    return out.run, time.perf_counter() - start, compile_seconds
 
 
 def main():
@@ -51,7 +54,10 @@ def main():
     args = parser.parse_args()
     problems = {p["name"]: p for p in family._family()}
     default_sizes = stepping.SLOT_SIZES
-    print(f"{'problem':16s} {'d':>6s} {'n':>4s} | ms/attempt: capacity  sized  ratio | steps, s")
+    print(
+        f"{'problem':16s} {'d':>6s} {'n':>4s} | ms/attempt: capacity  sized  ratio "
+        "| compile s: capacity  sized | steps, s"
+    )
     for name in args.names:
         problem = problems[name]
         predictor, params, X, y = family._setup(problem)
@@ -66,14 +72,14 @@ def main():
         )(params0, X, y)
         runs = [_stiff_run(static, params0, X, y, first, sizes) for sizes in ((), default_sizes)]
         stepping.SLOT_SIZES = default_sizes
-        cost = [1e3 * wall / int(run.steps + run.rejected) for run, wall in runs]
+        cost = [1e3 * wall / int(run.steps + run.rejected) for run, wall, _ in runs]
         paths = "  ".join(
-            f"{int(run.steps)}+{int(run.rejected)} s={float(run.x):.4f}" for run, _ in runs
+            f"{int(run.steps)}+{int(run.rejected)} s={float(run.x):.4f}" for run, _, _ in runs
         )
         d = sum(np.size(leaf) for leaf in params0)
         print(
             f"{name:16s} {d:6d} {X.shape[0]:4d} | {cost[0]:19.1f} {cost[1]:6.1f} "
-            f"{cost[0] / cost[1]:6.2f} | {paths}",
+            f"{cost[0] / cost[1]:6.2f} | {runs[0][2]:18.1f} {runs[1][2]:6.1f} | {paths}",
             flush=True,
         )
 
