@@ -165,6 +165,40 @@ def test_limit_flow_continues_the_flow_at_finite_beta(depth):
     assert limit.status.steps[1] < finite_beta.status.steps[1]
 
 
+def test_limit_flow_rows_carry_the_soft_margin_of_the_flow_at_finite_beta():
+    """Switching at beta = 1e6 vs the W-method all the way to 1e9, at the saved points after the
+    switch: the soft margins agree to 1e-3 / beta (measured 2e-5 / beta). The limit flow keeps
+    the margins of E equal; its saved points restore the spread the flow keeps at finite beta
+    (p = lambda on E); with equal margins the soft margin sat 0.455 / beta below the
+    W-method's at every row, a fall of 2e-6 relative at the switch (docs/decisions.md D51)."""
+    X, y = linearly_separable(20261128, 40, 10)
+    predictor = jm.deep_linear(2, 5)
+    params0 = predictor.init(jax.random.key(1), 10)
+    finite_beta, limit = (
+        jm.gradient_flow(
+            predictor,
+            params0,
+            X,
+            y,
+            beta_max=1e9,
+            solver="rosenbrock",
+            rtol=1e-8,
+            max_steps=300_000,
+            limit_beta=limit_beta,
+        )
+        for limit_beta in (None, 1e6)
+    )
+    s_w, s_limit = np.asarray(finite_beta.s), np.asarray(limit.s)
+    common, in_w, in_limit = np.intersect1d(s_w, s_limit, return_indices=True)
+    past = np.exp(2 * common) > 1.01e6
+    assert np.sum(past) >= 20
+    gap = np.asarray(limit.soft_margin)[in_limit] - np.asarray(finite_beta.soft_margin)[in_w]
+    gap_times_beta = np.abs(gap[past]) * np.exp(2 * common[past])
+    print(f"\nlargest |soft margin difference| x beta past the switch: {gap_times_beta.max():.2e}")
+    assert gap_times_beta.max() <= 1e-3
+    assert theorem5_max_decrease(limit) <= 1e-8
+
+
 def _switch_against_finite_beta(
     predictor, params0, X, y, beta_max, switch, max_steps, direction_tol, tols
 ):

@@ -121,6 +121,7 @@ def stage_limit(
         jnp.maximum(static.max_steps - run.steps - run.rejected, 1),
         direction_tol=direction_tol,
         geometry=geometry,
+        finite_beta_rows=True,
     )
 
 

@@ -259,22 +259,32 @@ def held_pairs(geometry, kinks):
 
 
 def equalize(
-    margins_and_grads, theta, active, sweeps=2, geometry=None, kinks=None, held=None, candidates=128
+    margins_and_grads,
+    theta,
+    active,
+    sweeps=2,
+    geometry=None,
+    kinks=None,
+    held=None,
+    candidates=128,
+    offsets=None,
 ):
     """Unit theta with the margins of `active` all equal: the smallest move in the span of their
     tangent gradients, the common level free (Newton sweeps on q_i + <P grad q_i, delta> = c,
     sum of the coefficients 0: the optimality condition for c). The level is not prescribed
     because near a KKT point no move raises all the margins of E together. With kinks, the
-    pairs in `held` (P,) are put back on z = 0 in the same solve (under the step's gates)."""
+    pairs in `held` (P,) are put back on z = 0 in the same solve (under the step's gates).
+    With `offsets` (n,) it is q_i + offsets_i that are made equal on `active`."""
 
     def sweep(_, theta):
         unit = theta / jnp.linalg.norm(theta)
         q, G = margins_and_grads(unit, None if kinks is None else kinks.gates)
-        rows, support, border, top = tangent(G, unit), active, active, -q
+        shift = 0.0 if offsets is None else offsets
+        rows, support, border, top = tangent(G, unit), active, active, -(q + shift)
         if geometry is not None:
             # The live margins (a pair off its frozen side moves the margin off the frozen
             # piece); the frozen pieces' gradients.
-            top = -margins_and_grads(unit, None)[0]
+            top = -(margins_and_grads(unit, None)[0] + shift)
             k = min(candidates, geometry.num_pairs)
             slots = jnp.nonzero(held, size=k, fill_value=0)[0]
             on = jnp.arange(k) < jnp.sum(held)

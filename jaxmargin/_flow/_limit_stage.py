@@ -42,6 +42,7 @@ from ._limit_field import (
     unit_scale,
 )
 from ._limit_landing import land_on_kinks
+from ._limit_saves import save_passed, spread_as_at_finite_beta
 from ._stepping import Outcome, StepCarry
 
 # At the switch from finite beta: examples with p_i / p_max > exp(-_SWITCH_GAP) may be on the min.
@@ -61,6 +62,7 @@ class LimitProblem(NamedTuple):
     max_steps: jax.Array
     direction_tol: jax.Array
     log_beta_enter: jax.Array
+    finite_beta_rows: bool  # saved points with E's margins spread as at beta = e^(L s)
 
 
 class DormandPrince(NamedTuple):
@@ -174,56 +176,6 @@ def _events_of_e(options, F1, last, gap1, active, h, h_done):
     return jnp.minimum(h_join, h_leave), ~jnp.any(crossed) & ~jnp.any(left)
 
 
-def _save_passed(
-    problem: LimitProblem, c, new, F1, kinks, active, step, x_new, theta_new, aux_new, h, accept
-):
-    """The save points the step passed, from the dense output, each put back on E's equal
-    margins and the held kinks (the dense output is off them by its error), with clocks from
-    the margins there. Not steps cut at the save grid: the error test allows far longer steps
-    than the grid's spacing (docs/decisions.md D35)."""
-    S = problem.save_xs.shape[0]
-    degree = problem.degree
-    held_before = None if problem.geometry is None else held_pairs(problem.geometry, kinks)
-
-    def pending(state):
-        new, _ = state
-        index = jnp.minimum(new.index, S - 1)
-        return accept & (new.index < S) & (problem.save_xs[index] <= x_new)
-
-    def save_next(state):
-        new, _ = state
-        index = jnp.minimum(new.index, S - 1)
-        x_save = problem.save_xs[index]
-        at_end = x_save >= x_new
-
-        def between(_):
-            u = (x_save - c.x) / h
-            theta = equalize(
-                problem.margins_and_grads,
-                step.dense(u),
-                active,
-                geometry=problem.geometry,
-                kinks=kinks,
-                held=held_before,
-                candidates=problem.options.candidates,
-            )
-            q = problem.margins_and_grads(theta, None if kinks is None else kinks.gates)[0]
-            q_min = F1.weights @ q
-            rate = step.dense_rate(u) / h
-            dtheta = rate - (rate @ theta) * theta
-            tau = c.aux[0] + clocks.tau_increment(
-                degree, c.x, x_save - c.x, F1.q_min, F1.dtheta, q_min, dtheta
-            )
-            log_t_loss = clocks.limit_log_t_loss(degree, x_save, q_min, dtheta)
-            return theta, jnp.stack([tau, log_t_loss])
-
-        theta, aux = jax.lax.cond(at_end, lambda _: (theta_new, aux_new), between, None)
-        new = stepping.store(new, jnp.where(at_end, x_new, x_save), theta, aux, index)
-        return new._replace(index=new.index + 1), at_end
-
-    return jax.lax.while_loop(pending, save_next, (new, jnp.asarray(False)))
-
-
 def _body(problem: LimitProblem, c: StepCarry) -> StepCarry:
     options, degree = problem.options, problem.degree
     entering = c.steps == 0  # the entry iteration (counted in steps, subtracted at the end)
@@ -285,7 +237,7 @@ def _body(problem: LimitProblem, c: StepCarry) -> StepCarry:
         start=(F1, kinks),
         fresh=accept,
     )
-    new, at_save = _save_passed(
+    new, at_save = save_passed(
         problem, c, new, F1, kinks, active, step, x_new, theta_new, aux_new, h, accept
     )
     converged = (
@@ -310,6 +262,16 @@ def _body(problem: LimitProblem, c: StepCarry) -> StepCarry:
         ],
         Outcome.RUNNING,
     )
+    if problem.finite_beta_rows:  # the last point is a row where the run stops off the grid
+        held = None if problem.geometry is None else held_pairs(problem.geometry, kinks)
+        new = new._replace(
+            y=jax.lax.cond(
+                outcome >= 0,
+                lambda y: spread_as_at_finite_beta(problem, y, new.x, F1, kinks, active, held),
+                lambda y: y,
+                new.y,
+            )
+        )
     return stepping.end_with(new, outcome, at_save)
 
 
@@ -327,13 +289,16 @@ def integrate(
     direction_tol=0.0,
     geometry=None,
     s_enter=None,
+    finite_beta_rows=False,
 ) -> stepping.Integration:
     """The limit flow from a point (s0, theta0) of the flow at finite beta to s_end, saving at
     the save_ss >= s0 (the entry point is the row at s0); aux = (tau, ln(t L)) as in the stiff
     stage. Stops early when ||dtheta/ds|| < direction_tol. With `geometry` (ReLU nets),
     margins_and_grads must take the branch values of gated units
     (_kink_geometry.per_example_margins(..., branch=True)). The entry counts examples within
-    _SWITCH_GAP / beta of the minimum at beta = e^(L s_enter) (default s0) as on it."""
+    _SWITCH_GAP / beta of the minimum at beta = e^(L s_enter) (default s0) as on it. With
+    `finite_beta_rows` the saved points are the flow at finite beta to O(1/beta^2) in E's margins
+    (_limit_saves.py); the integrated points keep E's margins equal."""
     dtype = theta0.dtype
     theta0 = theta0 / jnp.linalg.norm(theta0)
     problem = LimitProblem(
@@ -347,6 +312,7 @@ def integrate(
         max_steps=max_steps,
         direction_tol=direction_tol,
         log_beta_enter=degree * (s0 if s_enter is None else s_enter),
+        finite_beta_rows=finite_beta_rows,
     )
     # Wolfe starts from the example of smallest margin (always allowed).
     q0, _ = margins_and_grads(theta0, None)
