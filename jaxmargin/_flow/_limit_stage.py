@@ -38,11 +38,10 @@ from ._limit_field import (
     choose_kinks,
     equalize,
     evaluate,
-    held_pairs,
     unit_scale,
 )
 from ._limit_landing import land_on_kinks
-from ._limit_saves import save_passed, spread_as_at_finite_beta
+from ._limit_saves import save_passed
 from ._stepping import Outcome, StepCarry
 
 # At the switch from finite beta: examples with p_i / p_max > exp(-_SWITCH_GAP) may be on the min.
@@ -237,9 +236,6 @@ def _body(problem: LimitProblem, c: StepCarry) -> StepCarry:
         start=(F1, kinks),
         fresh=accept,
     )
-    new, at_save = save_passed(
-        problem, c, new, F1, kinks, active, step, x_new, theta_new, aux_new, h, accept
-    )
     converged = (
         (problem.direction_tol > 0)
         & (jnp.linalg.norm(F1.dtheta) < problem.direction_tol)
@@ -262,17 +258,22 @@ def _body(problem: LimitProblem, c: StepCarry) -> StepCarry:
         ],
         Outcome.RUNNING,
     )
-    if problem.finite_beta_rows:  # the last point is a row where the run stops off the grid
-        held = None if problem.geometry is None else held_pairs(problem.geometry, kinks)
-        new = new._replace(
-            y=jax.lax.cond(
-                outcome >= 0,
-                lambda y: spread_as_at_finite_beta(problem, y, new.x, F1, kinks, active, held),
-                lambda y: y,
-                new.y,
-            )
-        )
-    return stepping.end_with(new, outcome, at_save)
+    new, at_point = save_passed(
+        problem,
+        c,
+        new,
+        F1,
+        kinks,
+        active,
+        step,
+        x_new,
+        theta_new,
+        aux_new,
+        h,
+        accept,
+        outcome >= 0,
+    )
+    return stepping.end_with(new, outcome, at_point)
 
 
 def integrate(
