@@ -324,8 +324,9 @@ def test_limit_flow_continues_a_relu_flow_to_a_kkt_point(depth, seed):
 def test_relu_limit_flow_continues_the_flow_at_finite_beta():
     """ReLU L = 2: switching to the limit flow at beta = 1e6 vs the W-method all the way to
     1e8: the same direction, soft margin and clocks up to O(1/beta) at the switch (measured
-    1.8e-6 / 1.3e-7 / 1.3e-7 / 9.2e-9; 5.1e-7 / 9.0e-8 / 9.0e-8 / 2.1e-8 before the limit
-    flow's kink landings and saves used its dense output)."""
+    1.8e-6 / 5.6e-8 / 5.6e-8 / 9.2e-9; 1.8e-6 / 1.3e-7 / 1.3e-7 / 9.2e-9 before the saved rows
+    carried the finite-beta spread of E's margins, D51; 5.1e-7 / 9.0e-8 / 9.0e-8 / 2.1e-8
+    before the limit flow's kink landings and saves used its dense output)."""
     predictor, params0, X, y = _small_relu_problem(2)
     _switch_against_finite_beta(
         predictor, params0, X, y, 1e8, 1e6, 200_000, direction_tol=5e-6, tols=(1e-6, 1e-6, 1e-7)
