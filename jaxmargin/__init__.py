@@ -58,6 +58,7 @@ from ._relu_nets import leaky_relu_mlp as leaky_relu_mlp  # noqa: E402
 from ._relu_nets import relu_cnn as relu_cnn  # noqa: E402
 from ._relu_nets import relu_mlp as relu_mlp  # noqa: E402
 from ._sweep import sweep_gradient_flow as sweep_gradient_flow  # noqa: E402
+from ._user_predictor import predictor as predictor  # noqa: E402
 
 try:
     __version__ = importlib.metadata.version("jaxmargin")

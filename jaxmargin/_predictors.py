@@ -61,9 +61,10 @@ class Kinks(NamedTuple):
 
     Attributes:
         preactivations: `preactivations(params, x, gates=None) -> tuple` of the hidden
-            pre-activations z of one input, one array per hidden layer; with `gates` (as in
-            gated_apply) their gradients take the gated units' derivatives (deeper layers' z
-            depend on the Clarke elements chosen below them).
+            pre-activations z of one input, one array per hidden layer (per kink site, each
+            1-D, for networks whose kinks were found by tracing: _traced_kinks.py); with
+            `gates` (as in gated_apply) their gradients take the gated units' derivatives
+            (deeper layers' z depend on the Clarke elements chosen below them).
         gated_apply: `gated_apply(params, x, gates) -> scalar`, the same value as `apply`, but
             where `gates[k]` = (mask, alpha) with mask True the derivative of the activation
             at unit j of hidden layer k is taken to be slope + alpha_j (1 - slope), whatever

@@ -1,7 +1,9 @@
 """Bias-free ReLU-type networks: MLPs (ReLU, leaky ReLU) and a small CNN with max-pooling.
 
-Each is a Predictor of degree L = its number of weight layers; the MLPs carry a Kinks record
-(their pre-activations and gated evaluation) so that the flow engine can hold their kinks.
+Each is a Predictor of degree L = its number of weight layers; those with hidden layers carry a
+Kinks record (pre-activations and gated evaluation) so that the flow engine can hold their kinks:
+written by hand for the MLPs (the reference the traced kinks are tested against), found by
+tracing for the CNN (_traced_kinks.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ._predictors import (
     kinked_linear,
     vector_in_dim,
 )
+from ._traced_kinks import TracedNetwork
 
 # --------------------------------------------------------------------------- ReLU family
 
@@ -183,7 +186,11 @@ def _relu_cnn(channels, kernel_size, pool, relu_grad_at_zero, init_scale) -> Pre
         init_scale=init_scale,
     )
     name = f"relu_cnn(channels={channels}, kernel={kernel_size}, pool={pool})"
-    return Predictor(init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild)
+    # Its kinks (relu units, and ties within the pooling windows) are found by tracing apply.
+    kinks = TracedNetwork(apply, relu_grad_at_zero, name).kinks()
+    return Predictor(
+        init, apply, depth, name, (1,) * depth, relu_grad_at_zero, rebuild, kinks=kinks
+    )
 
 
 def relu_cnn(
