@@ -21,9 +21,10 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# Two workers, whole files each: the suite is mostly XLA compilation, one core per process.
+# Two workers, whole files each: the suite is mostly XLA compilation, one core per process
+# (so one compile thread each: docs/decisions.md D53).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	JAXMARGIN_COMPILE_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -538,6 +538,7 @@ def test_explicit_engine_band_error_on_the_same_problem():
     assert errors[0] >= 10.0 * errors[1]
 
 
+@pytest.mark.slow  # two compilations of the whole engine: 41-80 s on 2 cores
 def test_steps_sized_by_the_pairs_on_kinks_take_the_capacitys_path(monkeypatch):
     """The stiff stage and the limit flow size each step's kink work by the pairs on kinks
     (stepping.loop_by_slots). With 2 slots below the capacity of 16 (P = 96 pairs) the runs

@@ -2,9 +2,9 @@
 
 Why: as one program, a run traces, compiles and runs one after the other. As stages (phase 1,
 the stiff stage, the limit flow, rows), each stage's compilation overlaps the tracing of the
-next ones (XLA's compilation releases the GIL), and the later stages compile while phase 1
-runs. Only the first stage runs during compilation: a run beside a compilation is slowed by as
-much as it would gain (docs/decisions.md D40).
+next ones (XLA's compilation releases the GIL), two stages compile at once (D53), and the later
+stages compile while phase 1 runs. Only the first stage runs during compilation: a run beside
+a compilation is slowed by as much as it would gain (docs/decisions.md D40).
 
 A chain is a function chain(call, *inputs) that runs its stages as call(stage, *args) and
 returns the last stage's result (_asymptotic.chain, _explicit.chain); the stages are pure functions
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 import threading
 
 import jax
@@ -27,13 +28,17 @@ _CACHE_SIZE = 8
 _cache: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
+# Stages compiled at once: on small problems the run is mostly compilation, which two compile
+# threads share out over two cores (docs/decisions.md D53). `make test` sets 1: its two pytest
+# processes already keep both cores busy.
+COMPILE_WORKERS = int(os.environ.get("JAXMARGIN_COMPILE_THREADS", "2"))
 
 
 def _compiler() -> concurrent.futures.ThreadPoolExecutor:
     global _executor
     if _executor is None:
         _executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="jaxmargin-compile"
+            max_workers=COMPILE_WORKERS, thread_name_prefix="jaxmargin-compile"
         )
     return _executor
 
