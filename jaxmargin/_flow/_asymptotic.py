@@ -25,7 +25,7 @@ from ._fields import margins_summary
 from ._kink_geometry import kink_geometry, per_example_margins
 from ._limit_field import LimitOptions
 from ._options import STALL_BETA, STALL_STEP, StaticConfig
-from ._phase1 import Phase1, integrate_seed, phase1
+from ._phase1 import Phase1, integrate_seed, kinked_integrator, phase1
 from ._rows import Rows, finish, status_of
 from ._stepping import Integration, Outcome
 
@@ -49,7 +49,13 @@ def _continues_in_limit(stiff: StiffRun, s_end):
 
 
 def stage_phase1(static: StaticConfig, params0, X, y, tau_max, s_target) -> Phase1:
-    return phase1(static, integrate_seed, params0, X, y, tau_max, s_target)
+    """Phase 1 to t0; on ReLU-type models with the activation pattern frozen per step and kink
+    crossings landed on (docs/decisions.md D54), unless sliding=None asks for autodiff's element.
+    (The records' velocity there is autodiff's: they use only <w, velocity>, the same for every
+    Clarke element by Euler's identity.)"""
+    if static.predictor.kinks is None or static.sliding is None:
+        return phase1(static, integrate_seed, params0, X, y, tau_max, s_target, static.sliding)
+    return phase1(static, kinked_integrator(X, y), params0, X, y, tau_max, s_target, None)
 
 
 def stage_stiff(static: StaticConfig, params0, X, y, phase1: Phase1, direction_tol) -> StiffRun:

@@ -139,7 +139,7 @@ def _rms(v):
     return jnp.sqrt(jnp.mean(v * v))
 
 
-def _upward_crossing(g, dtype):
+def upward_crossing(g, dtype):
     """u in (0, 1] just past where g (g(0) <= 0 < g(1)) crosses 0: bisection to 2^-_BISECTIONS,
     the end where g > 0. Why not first_root_of_any's secant method: with a start a rounding
     error short of the event (w(t0) from another solver: -ln L = -1e-17) its bracket's upper end
@@ -192,7 +192,7 @@ def integrate(field, event, y0, x_end, save_xs, rtol, atol, max_steps) -> EventI
         crossed = accept & (event(c.y) <= 0) & (event(y_new) > 0)
 
         def first_crossing(_):
-            return _upward_crossing(lambda u: event(value(u)), dtype)
+            return upward_crossing(lambda u: event(value(u)), dtype)
 
         u_stop = jax.lax.cond(crossed, first_crossing, lambda _: jnp.ones((), dtype), None)
         x_stop = jnp.where(crossed, c.x + u_stop * h, c.x + h)

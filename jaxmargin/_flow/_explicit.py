@@ -95,7 +95,7 @@ def integrate_seed(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
 
 
 def stage_phase1(static, params0, X, y, tau_max, s_target) -> Phase1:
-    return phase1(static, integrate_seed, params0, X, y, tau_max, s_target)
+    return phase1(static, integrate_seed, params0, X, y, tau_max, s_target, static.sliding)
 
 
 def stage_polar(static, params0, X, y, phase1: Phase1, direction_tol) -> Rows:

@@ -21,8 +21,9 @@ from ._fields import softmax_of_scaled
 from ._kink_geometry import KinkGeometry
 from ._projectors import projected_in_row_space, projector_factor, projector_from_factor
 
-# Rounds of clarke_pairs for nets with more than one hidden layer.
-CLARKE_ROUNDS = 3
+# Rounds of clarke_pairs: for one hidden layer (the second re-solves the held pairs with the
+# leaving ones on their side), and for nets with more.
+CLARKE_ROUNDS_ONE_LAYER, CLARKE_ROUNDS = 2, 3
 
 
 def on_kink_slots(z, on, k):
@@ -66,31 +67,50 @@ def clarke_pairs(
     reference problem (L = 3) a first-layer pair whose example also had two second-layer pairs
     on their kinks got c_k from alpha = 0 for them; the side test then sent it off its kink to
     the wrong side, it came back and was landed on again, with steps shrinking geometrically
-    (docs/decisions.md D23). `alpha_at`: the first round's alphas
-    (default 0); `rounds`: their number (default 1 for one hidden layer, else CLARKE_ROUNDS)."""
+    (docs/decisions.md D23).
+
+    The min-norm element is the velocity only of the pairs it makes slide: one that leaves its
+    kink takes the derivative of the side it leaves to (the side test), which the box QP had
+    not assumed. The rounds after the first keep the pairs that left at their side's derivative
+    and re-solve the QP over the held ones. Why: in phase 1 of an L = 3 net a second-layer pair
+    slid because the QP had a crossing pair of the same unit on its upper side; that pair went
+    below, and the sliding one was held on its kink, off Euler's path by 1e-3 (docs/decisions.md
+    D54). `alpha_at`: the first round's alphas (default 0); `rounds`: their number (default
+    CLARKE_ROUNDS_ONE_LAYER for one hidden layer, else CLARKE_ROUNDS)."""
     P, k = geometry.num_pairs, slots.shape[0]
     written = jnp.where(on_slot, slots, P)  # padding slots are dropped, not written to pair 0
     alpha = jnp.zeros(k, y_unit.dtype) if alpha_at is None else alpha_at
     if rounds is None:
-        rounds = 1 if geometry.hidden_layers == 1 else CLARKE_ROUNDS
+        rounds = CLARKE_ROUNDS_ONE_LAYER if geometry.hidden_layers == 1 else CLARKE_ROUNDS
 
     def round_(_, state):
-        alpha = state[1]
+        _, alpha, _, free = state
         alpha_all = jnp.zeros(P, y_unit.dtype).at[written].set(alpha, mode="drop")
         gates = geometry.gates(on_kink, alpha_all)
-        return _clarke_round(
-            geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot, gates, alpha
+        rows, alpha, holds = _clarke_round(
+            geometry,
+            margins_and_grads,
+            options,
+            y_unit,
+            weights_of,
+            slots,
+            on_slot,
+            gates,
+            alpha,
+            free,
         )
+        return rows, alpha, holds, holds
 
     # A loop, not unrolled: one copy of the round (and its box QP) in the compiled program.
-    state = (jnp.zeros((k, y_unit.shape[0]), y_unit.dtype), alpha, jnp.zeros(k, bool))
-    return jax.lax.fori_loop(0, rounds, round_, state)
+    state = (jnp.zeros((k, y_unit.shape[0]), y_unit.dtype), alpha, jnp.zeros(k, bool), on_slot)
+    return jax.lax.fori_loop(0, rounds, round_, state)[:3]
 
 
 def _clarke_round(
-    geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot, gates, alpha_at
+    geometry, margins_and_grads, options, y_unit, weights_of, slots, on_slot, gates, alpha_at, free
 ):
-    """One round of clarke_pairs, linearised at the kink derivatives alpha_at (in gates)."""
+    """One round of clarke_pairs, linearised at the kink derivatives alpha_at (in gates); the
+    QP picks the alphas of the pairs in `free`, the others keep alpha_at."""
     rows = jnp.where(on_slot[:, None], geometry.rows(y_unit, slots, gates), 0.0)
     m, G = margins_and_grads(y_unit, gates)
     p = weights_of(m)
@@ -103,14 +123,25 @@ def _clarke_round(
     # alpha = b / c is then noise. Such pairs cross: the side test below gates them.
     gram = rows @ rows.T  # everything below is in the rows' span: one k x k Gram serves it
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-    holds = on_slot & (jnp.abs(c) * norms > 1e-8 * jnp.linalg.norm(g0))
-    c = jnp.where(holds, c, 0.0)
+    significant = on_slot & (jnp.abs(c) * norms > 1e-8 * jnp.linalg.norm(g0))
+    holds = free & significant
+    # The pairs that left in an earlier round keep their side's derivative: b = c alpha_at.
+    kept = on_slot & ~free
+    b_kept = jnp.where(kept, c * alpha_at, 0.0)
+    c_qp = jnp.where(holds, c, 0.0)
     rows_g0 = rows @ g0
-    b = box_qp(
-        gram, rows_g0, jnp.minimum(c, 0.0), jnp.maximum(c, 0.0), holds, options.qp_iterations
+    b = b_kept + box_qp(
+        gram,
+        rows_g0 + gram @ b_kept,
+        jnp.minimum(c_qp, 0.0),
+        jnp.maximum(c_qp, 0.0),
+        holds,
+        options.qp_iterations,
     )
-    alpha = jnp.clip(jnp.where(c != 0, b / jnp.where(c != 0, c, 1.0), 0.0), 0.0, 1.0)
+    alpha = jnp.clip(jnp.where(c_qp != 0, b / jnp.where(c_qp != 0, c_qp, 1.0), 0.0), 0.0, 1.0)
+    alpha = jnp.where(kept, alpha_at, alpha)
     slides = holds & (alpha > 1e-9) & (alpha < 1.0 - 1e-9)
+    c = jnp.where(significant, c, 0.0)
     # Filippov's side test for the other pairs on a kink. The min-norm element is the
     # velocity only for a pair it makes slide; one at a bound must leave its kink to the
     # side whose derivative it uses (with c > 0 the QP picks the other side for a crossing

@@ -43,17 +43,20 @@ class FlowOptions:
             "dopri8", "bosh3", "heun".
         rtol, atol: step-size controller tolerances (rosenbrock after t0: rtol is the local
             error tolerance on the unit direction).
-        sliding: how ReLU kinks are handled before t0 and by the explicit solvers (the Filippov
-            equivalent control on sliding kinks, see SlidingOptions), or None for autodiff's
-            element.
+        sliding: how the explicit solvers handle ReLU kinks (the Filippov equivalent control
+            on sliding kinks, see SlidingOptions), or None for autodiff's element.
+            solver="rosenbrock" freezes the activation pattern per step from the start (kinks
+            at their Clarke element, crossings landed on: docs/decisions.md D54); there
+            sliding=None runs phase 1 with autodiff's element instead, for reference checks.
         limit_beta: solver="rosenbrock": from beta = limit_beta on, the run follows the
             beta -> infinity limit flow (the min-norm point of the minimum-margin examples'
             Clarke gradients, an active-set flow; O(1/beta) from the flow at finite beta), or
             from beta = 1e8 on if the W-method's steps stall there. "auto": 1e10 for models
             without kinks, 1e6 for ReLU-type models (where the W-method's steps shrink past
             ~1e6). None: the W-method all the way.
-        kink_slots: solver="rosenbrock", ReLU-type models: how many (example, unit) pairs the
-            stiff stage can hold on their kinks at once; more stops the run with TOO_MANY_KINKS.
+        kink_slots: solver="rosenbrock", ReLU-type models: how many (example, unit) pairs
+            phase 1 and the stiff stage can hold on their kinks at once; more stops the run with
+            TOO_MANY_KINKS.
         limit_kink_slots: the same for the limit flow.
 
     Options that apply only to solver="rosenbrock" (limit_beta, kink_slots, limit_kink_slots)
@@ -101,6 +104,12 @@ class FlowOptions:
                         f"the option {name} applies to solver={ROSENBROCK!r} only, not to "
                         f"solver={self.solver!r}"
                     )
+        if self.solver == ROSENBROCK and self.sliding not in (None, _DEFAULTS["sliding"]):
+            raise ValueError(
+                f"sliding={self.sliding!r} applies to the explicit solvers only: "
+                f"solver={ROSENBROCK!r} holds kinks at their Clarke element in every step (use "
+                "sliding=None for autodiff's element in its phase 1)"
+            )
         limit_beta = self.limit_beta
         if limit_beta != "auto" and limit_beta is not None:
             if not (isinstance(limit_beta, (int, float)) and 1e6 <= limit_beta < math.inf):

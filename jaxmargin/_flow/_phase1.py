@@ -9,6 +9,7 @@ finite tau for L >= 3: docs/background.md §2). The integrator is the chain's: D
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -17,11 +18,14 @@ from jax.flatten_util import ravel_pytree
 
 from .._margins import log_norm
 from . import _dormand_prince as dormand_prince
+from . import _phase1_kinks as phase1_kinks
 from . import _records as records
 from . import _solution as solution
 from ._fields import SeedState, make_margin_fn, polar_quantities, seed_field
+from ._kink_geometry import kink_geometry, per_example_margins
 from ._sliding import make_velocity
 from ._stepping import Outcome
+from ._stiff_stage import StiffOptions
 
 
 class SeedRun(NamedTuple):
@@ -35,6 +39,7 @@ class SeedRun(NamedTuple):
     failed: jax.Array
     steps: jax.Array
     rejected: jax.Array
+    kink_overflow: jax.Array = False  # more pairs on their kinks than its slots
 
 
 class Phase1(NamedTuple):
@@ -45,6 +50,7 @@ class Phase1(NamedTuple):
     rejected: jax.Array
     out_of_steps: jax.Array
     failed: jax.Array  # phase 1's integrator failed (not the step budget)
+    kink_overflow: jax.Array  # more pairs on their kinks than phase 1's slots (kink_slots)
     start_separated: jax.Array  # params0 separates the data already: no phase 1
     separated: jax.Array
     w1: jax.Array  # w at t0 (params0 for a run that starts separated)
@@ -63,14 +69,69 @@ def integrate_seed(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
         rate = field(None, SeedState(y[:-1], y[-1]), None)
         return jnp.concatenate([rate.w, rate.t[None]])
 
+    y0, save_taus = _start_and_saves(static, w0, tau_end)
+    out = dormand_prince.integrate(
+        flat_field,
+        _separation(margin_fn),
+        y0,
+        tau_end,
+        save_taus,
+        static.rtol,
+        static.atol,
+        static.max_steps,
+    )
+    return _seed_run(margin_fn, velocity_fn, unravel, degree, y0, save_taus, out)
+
+
+def kinked_integrator(X, y):
+    """integrate_seed's counterpart for ReLU-type models on the data (X, y): steps with the
+    activation pattern frozen and kink crossings landed on (_phase1_kinks.py)."""
+
+    def integrate(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end) -> SeedRun:
+        predictor = static.predictor
+        y0, save_taus = _start_and_saves(static, w0, tau_end)
+
+        def gated_margins(w, gates):
+            apply = functools.partial(predictor.kinks.gated_apply, branch=True)
+            return y * jax.vmap(apply, in_axes=(None, 0, 0))(unravel(w), X, gates)
+
+        out = phase1_kinks.integrate(
+            kink_geometry(predictor, unravel, X, y, w0),
+            per_example_margins(predictor, unravel, X, y),
+            gated_margins,
+            degree,
+            StiffOptions(tol=static.rtol, candidates=static.kink_slots),
+            y0,
+            tau_end,
+            save_taus,
+            static.rtol,
+            static.atol,
+            static.max_steps,
+            _separation(margin_fn),
+        )
+        return _seed_run(margin_fn, velocity_fn, unravel, degree, y0, save_taus, out)
+
+    return integrate
+
+
+def _start_and_saves(static, w0, tau_end):
+    """The state (w, t) at tau = 0 and the phase-1 save times."""
+    y0 = jnp.concatenate([w0, jnp.zeros(1, w0.dtype)])
+    return y0, records.phase1_save_taus(static.saves_phase1, tau_end)
+
+
+def _separation(margin_fn):
+    """The event of t0: -ln L(w), for the state y = (w, t)."""
+
     def separated(y):
         return -jax.nn.logsumexp(-margin_fn(y[:-1]))
 
-    y0 = jnp.concatenate([w0, jnp.zeros(1, w0.dtype)])
-    save_taus = records.phase1_save_taus(static.saves_phase1, tau_end)
-    out = dormand_prince.integrate(
-        flat_field, separated, y0, tau_end, save_taus, static.rtol, static.atol, static.max_steps
-    )
+    return separated
+
+
+def _seed_run(margin_fn, velocity_fn, unravel, degree, y0, save_taus, out) -> SeedRun:
+    """The SeedRun of an integration that stopped at out.x, out.y (an EventIntegration or a
+    StepCarry) with the states at save_taus in out.ys: the records of its rows."""
     taus = jnp.concatenate([save_taus, out.x[None]])
     reached = jnp.concatenate([out.saved, jnp.ones(1, bool)])
     # Rows not reached are recorded at y0 (finite) and then set to inf.
@@ -89,17 +150,19 @@ def integrate_seed(static, margin_fn, velocity_fn, unravel, degree, w0, tau_end)
         failed=out.outcome == Outcome.FAILED,
         steps=out.steps,
         rejected=out.rejected,
+        kink_overflow=out.outcome == Outcome.KINK_OVERFLOW,
     )
 
 
-def phase1(static, integrate, params0, X, y, tau_max, s_target) -> Phase1:
-    """Phase 1 with the integrator `integrate` (integrate_seed's signature), and where the run
-    after t0 starts and ends."""
+def phase1(static, integrate, params0, X, y, tau_max, s_target, sliding) -> Phase1:
+    """Phase 1 with the integrator `integrate` (integrate_seed's signature) and the velocity on
+    kinks `sliding` (SlidingOptions, or None for autodiff's element), and where the run after t0
+    starts and ends."""
     predictor = static.predictor
     degree = predictor.degree
     w0, unravel = ravel_pytree(params0)
     margin_fn = make_margin_fn(predictor, unravel, X, y)
-    velocity_fn = make_velocity(predictor, unravel, X, y, static.sliding)
+    velocity_fn = make_velocity(predictor, unravel, X, y, sliding)
 
     # A run that starts separated skips phase 1 (a dummy solve over tau in [0, 1e-300] keeps
     # the shapes; its rows are marked invalid). Its clock t starts at the offset dt/ds(s0) x 1
@@ -129,6 +192,7 @@ def phase1(static, integrate, params0, X, y, tau_max, s_target) -> Phase1:
         rejected=run.rejected,
         out_of_steps=run.out_of_steps,
         failed=run.failed,
+        kink_overflow=jnp.asarray(run.kink_overflow),
         start_separated=start_separated,
         separated=separated,
         w1=w1,

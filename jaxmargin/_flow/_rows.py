@@ -67,6 +67,7 @@ def finish(static, params0, X, y, phase1: Phase1, rows2: Rows, log_t_loss1):
         [
             ~separated & phase1.out_of_steps,
             ~separated & phase1.failed,
+            ~separated & phase1.kink_overflow,
             ~separated,
             ~finite,
             ~run_phase2,
@@ -74,6 +75,7 @@ def finish(static, params0, X, y, phase1: Phase1, rows2: Rows, log_t_loss1):
         [
             solution.MAX_STEPS,
             solution.SOLVER_FAILED,
+            solution.TOO_MANY_KINKS,
             solution.NOT_SEPARATED,
             solution.SOLVER_FAILED,
             solution.REACHED_TARGET,
