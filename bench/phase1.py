@@ -64,7 +64,7 @@ def main():
     os.environ.setdefault("PJRT_NPROC", "1")
     problems = [p for p in family._family() if args.only in p["name"]][: args.first]
     print(f"phase 1 to t0, rtol {args.rtol:g}, timeout {args.timeout:g} s per run")
-    header = f"{'problem':<16}{'integrator':<8}{'status':<26}{'steps':>14}{'wall s':>8}"
+    header = f"{'problem':<16}{'integrator':<11}{'status':<26}{'steps':>14}{'wall s':>8}"
     print(header + f"{'first s':>9}{'tau0':>12}{'s0':>10}")
     for problem in problems:
         outcomes = {}
@@ -72,11 +72,11 @@ def main():
             out = family._in_process(_run, (problem, name, args.rtol), args.timeout)
             outcomes[name] = out
             if out is None:
-                print(f"{problem['name']:<16}{name:<8}TIMEOUT (> {args.timeout:g} s)")
+                print(f"{problem['name']:<16}{name:<11}TIMEOUT (> {args.timeout:g} s)")
                 continue
             steps = f"{out['steps']}+{out['rejected']}"
             print(
-                f"{problem['name']:<16}{name:<8}{out['status']:<26}{steps:>14}"
+                f"{problem['name']:<16}{name:<11}{out['status']:<26}{steps:>14}"
                 f"{out['wall']:>8.1f}{out['first']:>9.1f}{out['tau0']:>12.6g}{out['s0']:>10.6g}"
             )
         frozen, live = outcomes["frozen"], outcomes["live"]

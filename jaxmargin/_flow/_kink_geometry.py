@@ -26,6 +26,17 @@ class KinkGeometry(NamedTuple):
     rows: object  # (w, flat indices (K,), gates=None) -> (K, d) gradients of those pre-activations
     gates: object  # (mask (n*H,), alpha (n*H,)) -> gates for gated_apply, vmapped over examples
     signal: object  # (w, gates, weights (n,)) -> (n * H,) of weights_i * d m_i / d h_ik
+    num_examples: int
+
+
+def unit_scale(z, n):
+    """Per pair, the largest |z| of its unit over the n examples (pairs are example-major): the
+    scale against which a pair counts as on its kink. Not the mean over all pairs: units decay
+    at their own rates (those no support example uses like e^-s in theta, D34), and the layers
+    of a deep net scale with ||w|| to the powers 1, 2, ...: in phase 1 of an L = 5 net at
+    ||w|| = 8 fourth-layer pairs 2e-3 of their layer's |z| from their kinks counted as on them
+    against the global mean (docs/decisions.md D54)."""
+    return jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
 
 
 def per_example_margins(predictor, unravel, X, y, branch=False):
@@ -88,5 +99,12 @@ def kink_geometry(predictor, unravel, X, y, w_example) -> KinkGeometry | None:
         return jnp.concatenate(jax.grad(weighted)(zeros), axis=1).ravel()
 
     return KinkGeometry(
-        n * per_example, len(widths), float(kinks.slope), preactivations, rows, gates, signal
+        n * per_example,
+        len(widths),
+        float(kinks.slope),
+        preactivations,
+        rows,
+        gates,
+        signal,
+        n,
     )

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ._box_qp import box_qp
 from ._fields import softmax_of_scaled
-from ._kink_geometry import KinkGeometry
+from ._kink_geometry import KinkGeometry, unit_scale
 from ._projectors import projected_in_row_space, projector_factor, projector_from_factor
 
 # Rounds of clarke_pairs: for one hidden layer (the second re-solves the held pairs with the
@@ -188,8 +188,8 @@ def kink_step(geometry: KinkGeometry | None, margins_and_grads, degree, options,
         return KinkStep(None, None, false, false, jnp.zeros((), jnp.int32), jnp.asarray(False))
     P = geometry.num_pairs
     k = min(options.candidates, P)
-    scale = jnp.maximum(jnp.mean(jnp.abs(z)), 1e-300)
-    slots, on_slot, on_kink, overflow = on_kink_slots(z, jnp.abs(z) <= options.on_kink * scale, k)
+    on = jnp.abs(z) <= options.on_kink * unit_scale(z, geometry.num_examples)
+    slots, on_slot, on_kink, overflow = on_kink_slots(z, on, k)
     y_unit = y / jnp.linalg.norm(y)
 
     def clarke_element(_):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from .._wolfe import WEIGHT_FLOOR, affine_minimizer, bordered_solve, wolfe
 from ._box_qp import FISTA_ITERATIONS
-from ._kink_geometry import KinkGeometry
+from ._kink_geometry import KinkGeometry, unit_scale
 from ._kinks import clarke_pairs, frozen_gates, on_kink_slots
 from ._projectors import tangent_projector
 
@@ -247,11 +247,6 @@ def choose_kinks(
     state = (jnp.zeros((k, theta.shape[0]), theta.dtype), jnp.zeros(k, bool), field0, kinks0, 0)
     _, _, field, kinks, _ = jax.lax.while_loop(more, round_, state)
     return field, kinks
-
-
-def unit_scale(z, n):
-    """Per pair, the largest |z| of its unit over the n examples (pairs are example-major)."""
-    return jnp.tile(jnp.max(jnp.abs(z.reshape(n, -1)), axis=0), n)
 
 
 def held_pairs(geometry, kinks):

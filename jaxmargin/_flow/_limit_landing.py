@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from ._dormand_prince import first_root_of_any
+from ._kink_geometry import unit_scale
 from ._kink_landing import kink_crossings
-from ._limit_field import StepKinks, held_pairs, unit_scale
+from ._limit_field import StepKinks, held_pairs
 from ._stepping import StepCarry
 
 

@@ -31,15 +31,8 @@ from .._wolfe import WEIGHT_FLOOR
 from . import _clocks as clocks
 from . import _stepping as stepping
 from ._dormand_prince import A_MATRIX, B4, B5, dense_output
-from ._kink_geometry import KinkGeometry
-from ._limit_field import (
-    LimitField,
-    LimitOptions,
-    choose_kinks,
-    equalize,
-    evaluate,
-    unit_scale,
-)
+from ._kink_geometry import KinkGeometry, unit_scale
+from ._limit_field import LimitField, LimitOptions, choose_kinks, equalize, evaluate
 from ._limit_landing import land_on_kinks
 from ._limit_saves import save_passed
 from ._stepping import Outcome, StepCarry

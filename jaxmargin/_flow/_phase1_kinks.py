@@ -1,14 +1,15 @@
-"""Phase 1 on ReLU-type models: Dormand-Prince steps with the activation pattern frozen, kink
-crossings landed on.
+"""Phase 1 on ReLU-type models: Dormand-Prince steps with the activation pattern frozen per step.
 
 Why: with the live pattern, a step across a kink sees a jump in the field; the error test rejects
-it until h x jump < tol, h then grows back, and on deep nets and many examples phase 1 spends most
-of its steps there (docs/decisions.md D54). Here, as in the stiff stage, each step freezes the
-pattern at its start (_kinks.kink_step: the pairs on a kink at their Clarke element, held on it
-when they slide; the others on the side they are on), so its stages see a smooth field; a pair
-that ends the step beyond its kink makes the step be redone to land on it (_kink_landing), and
-the next step's start decides whether it slides or goes through. The Clarke element does not
-depend on the clock: the polar one (p = softmax(-m) = softmax(-beta q)) serves the seed's.
+it until h x jump < tol, h then grows back, and on deep nets phase 1 spent most of its steps
+there (docs/decisions.md D54). Here, as in the stiff stage, each step freezes the pattern at its
+start (_kinks.kink_step: the pairs on a kink at their Clarke element, held on it when they slide;
+the others on the side they are on), so its stages see a smooth field. A pair that ends the step
+beyond its kink is kept there when gating it late fits the error tolerance, else the step is
+redone to land on it (_kink_landing) and the next start decides whether it slides or goes
+through; a held pair that the next start releases makes the step be redone shorter when it was
+held too long. The Clarke element does not depend on the clock: the polar one (p = softmax(-m)
+= softmax(-beta q)) serves the seed's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from .._margins import log_norm
 from . import _stepping as stepping
 from ._dormand_prince import A_MATRIX, B4, B5, dense_output, upward_crossing
-from ._kink_geometry import KinkGeometry
+from ._kink_geometry import KinkGeometry, unit_scale
 from ._kink_landing import kink_crossings, landing_band, project_onto_kinks
 from ._kinks import KinkStep, kink_step
 from ._stepping import Outcome, StepCarry
@@ -125,6 +126,20 @@ def _held_on_kinks(problem: SeedProblem, start: SeedStart, hold, w):
     return jax.lax.switch(branch, branches, w)
 
 
+def _crossing_error(problem: SeedProblem, start: SeedStart, z0, z1, flip, y_new, h, k_end, scale):
+    """The error over tolerance of a step that kept the pairs in `flip` on their start side
+    after they crossed: (the largest fraction of the step after a crossing, linear in z) x h x
+    the field's jump at the step's end (k_end, under the step's gates) when they take their new
+    side."""
+    gates = start.kinks.gates
+    alpha = jnp.concatenate([layer[1] for layer in gates], axis=1).ravel()
+    alpha = jnp.where(flip, (z1 > 0).astype(alpha.dtype), alpha)
+    flipped = start.kinks._replace(gates=problem.geometry.gates(jnp.ones(flip.shape, bool), alpha))
+    jump = _frozen_field(problem, flipped, y_new) - k_end
+    rest = jnp.max(jnp.where(flip, jnp.abs(z1) / (jnp.abs(z0) + jnp.abs(z1)), 0.0))
+    return _rms(rest * h * jump / scale)
+
+
 def _body(problem: SeedProblem, event, c: StepCarry, start: SeedStart) -> StepCarry:
     """One step attempt: the frozen-pattern step and its error and kink tests; on a pass the
     held pairs put back on their kinks and the next step's start, which must not release a
@@ -140,12 +155,27 @@ def _body(problem: SeedProblem, event, c: StepCarry, start: SeedStart) -> StepCa
     # The landing band: how far past a kink the step may end and have the pair put on it; the
     # error tolerance on the direction is rtol (the state's is rtol |w|).
     speed = jnp.linalg.norm(start.field0[:-1]) / jnp.linalg.norm(w0)
-    floor = problem.options.landing * jnp.maximum(jnp.mean(jnp.abs(z_new)), 1e-300)
+    floor = problem.options.landing * unit_scale(z_new, problem.geometry.num_examples)
     band = landing_band(floor, start.rate0, speed, problem.rtol)
     crossed, too_far, h_land = kink_crossings(
         c.z, z_new, ~start.kinks.on_kink, band, h, start.rate0
     )
-    passed = (err <= 1.0) & ~jnp.any(too_far) & finite & ~start.kinks.overflow
+    # A pair that crossed too far was gated on its old side from its crossing on: the state is
+    # off by about (the rest of the step) x (the jump its new side makes in the field). Where
+    # that fits the error tolerance the step goes through the crossings (the pairs end on their
+    # new side), else it is redone to land on the first. Why: with hundreds of examples most
+    # crossings are of examples far from the soft-min (small p_i, a small jump), and landing on
+    # each costs a step and a redo (docs/decisions.md D50, D54).
+    through_err = jax.lax.cond(
+        jnp.any(too_far),
+        lambda: _crossing_error(
+            problem, start, c.z, z_new, too_far, y_new, h, increments[6] / h, scale
+        ),
+        lambda: jnp.zeros((), err.dtype),
+    )
+    through = through_err <= 1.0
+    crossed = crossed & ~too_far
+    passed = (err <= 1.0) & through & finite & ~start.kinks.overflow
 
     # Pairs that slid, or crossed into the landing band, are put back on their kinks.
     w_acc = jax.lax.cond(
@@ -262,8 +292,7 @@ def integrate(
     carry = carry._replace(xs=save_xs)
 
     def count_on_kinks(c: StepCarry):
-        scale = jnp.maximum(jnp.mean(jnp.abs(c.z)), 1e-300)
-        return jnp.sum(jnp.abs(c.z) <= options.on_kink * scale)
+        return jnp.sum(jnp.abs(c.z) <= options.on_kink * unit_scale(c.z, geometry.num_examples))
 
     def start_of(size, c: StepCarry):
         sized = problem._replace(slots=size)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from . import _clocks as clocks
 from . import _stepping as stepping
 from ._box_qp import FISTA_ITERATIONS
-from ._kink_geometry import KinkGeometry
+from ._kink_geometry import KinkGeometry, unit_scale
 from ._kink_landing import kink_crossings, landing_band, project_onto_kinks
 from ._kinks import KinkStep, kink_step
 from ._stepping import Outcome, StepCarry
@@ -40,7 +40,8 @@ class StiffOptions(NamedTuple):
         tol: local error tolerance per step, absolute on the unit direction theta (the clocks
             are integrated by quadrature, outside the step control).
         candidates: slots for the kink pairs on their kinks (more stops with KINK_OVERFLOW).
-        on_kink: |z| / mean |z| below which a pair counts as on its kink.
+        on_kink: |z| relative to the largest |z| of its unit over the examples (unit_scale), below
+            which a pair counts as on its kink.
         landing: how far from a kink (relative to mean |z|) a step that lands on it may always
             end (see _kink_landing.landing_band).
         qp_iterations: FISTA iterations of the box QP that picks the Clarke element on kinks
@@ -320,8 +321,7 @@ def integrate(
     )
 
     def count_on_kinks(c: StepCarry):
-        scale = jnp.maximum(jnp.mean(jnp.abs(c.z)), 1e-300)
-        return jnp.sum(jnp.abs(c.z) <= options.on_kink * scale)
+        return jnp.sum(jnp.abs(c.z) <= options.on_kink * unit_scale(c.z, geometry.num_examples))
 
     def start_of(size, c: StepCarry):
         sized = problem._replace(slots=size)
