@@ -4,7 +4,8 @@ dw/dtau = sum_i p_i grad m_i(w), p = softmax(-m), with the exponential-loss time
 (dt/dtau = 1/L). The run stops at t0, where -ln L (same sign as the soft margin, finite at
 w = 0) crosses 0 upwards; after it, s = ln ||w|| is the clock (in tau, ||w|| blows up at a
 finite tau for L >= 3: docs/background.md §2). The integrator is the chain's: Dormand-Prince 5(4)
-(integrate_seed, the engine's) or a diffrax solver (_explicit.py); the rest is this module's.
+(integrate_seed, the engine's; on ReLU-type models kinked_integrator, the activation pattern
+frozen per step: _phase1_kinks.py) or a diffrax solver (_explicit.py); the rest is this module's.
 """
 
 from __future__ import annotations
