@@ -35,6 +35,7 @@ DEFAULT = ("syn15", "iris02-L5w12", "digits38-L2w32", "wine02-L3w16")
 
 def _stiff_run(static, params0, X, y, first, slot_sizes):
     stepping.SLOT_SIZES = slot_sizes
+    stepping.SIZED_SLOTS_MIN_WORK = 0  # sized wherever SLOT_SIZES has a size below the capacity
 
     def stage(p0, X, y, first):
         return _asymptotic.stage_stiff(static, p0, X, y, first, jnp.asarray(0.0))

@@ -309,5 +309,5 @@ def integrate(
 
         return body
 
-    sizes = stepping.slot_sizes(options.candidates, geometry.num_pairs)
+    sizes = stepping.slot_sizes(options.candidates, geometry.num_pairs, y0.shape[0] - 1)
     return stepping.loop_by_slots(carry, sizes, count_on_kinks, start_of, body_of)

@@ -174,16 +174,23 @@ def end_with(new: StepCarry, outcome, at_save) -> StepCarry:
 
 # Smaller slot counts a run switches to while few pairs sit on their kinks (see slot_sizes).
 SLOT_SIZES = (32,)
+# The least kink work per step at the capacity (slots^2 x parameters: the Gram of the kinks'
+# gradients) for which the smaller sizes are compiled: below it each extra loop costs more
+# compilation than its cheaper steps save over a run (docs/decisions.md D55).
+SIZED_SLOTS_MIN_WORK = 128**2 * 1500
 
 
-def slot_sizes(capacity, num_pairs):
+def slot_sizes(capacity, num_pairs, num_params):
     """The slot counts a run switches between: the smaller SLOT_SIZES below the capacity, then
     the capacity (at most the number of pairs). A step's kink work (the Clarke element's Gram
     and box QP, the projection onto the kinks) grows with its slots, not with the pairs on
-    kinks: a step with few pairs on kinks runs with few slots (docs/decisions.md D49)."""
+    kinks: a step with few pairs on kinks runs with few slots (docs/decisions.md D49), where
+    that work is large enough to pay for the extra loop's compilation (D55)."""
     if num_pairs is None:
         return (capacity,)
     top = min(capacity, num_pairs)
+    if top * top * num_params < SIZED_SLOTS_MIN_WORK:
+        return (top,)
     return tuple(size for size in SLOT_SIZES if size < top) + (top,)
 
 

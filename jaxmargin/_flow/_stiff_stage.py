@@ -339,7 +339,7 @@ def integrate(
         return body
 
     sizes = stepping.slot_sizes(
-        options.candidates, None if geometry is None else geometry.num_pairs
+        options.candidates, None if geometry is None else geometry.num_pairs, theta0.shape[0]
     )
     out = stepping.loop_by_slots(carry, sizes, count_on_kinks, start_of, body_of)
     return stepping.integration(out)
