@@ -77,7 +77,7 @@ def main():
         return
     predictor, params, X, y = jm.reference_problem(2)
     start = time.perf_counter()
-    sol = jm.gradient_flow(predictor, params, X, y, beta_max=1e3)
+    sol = jm.gradient_flow(predictor, params, X, y, beta_max=1e3, solver="tsit5")
     _show("tsit5 ReLU L=2 1e3", sol, time.perf_counter() - start)
     predictor = jm.deep_linear(2, 5)
     rng = np.random.default_rng(0)

@@ -84,6 +84,7 @@ def engine(predictor, params0, X, y, s_target, max_steps):
         rtol=1e-6,
         atol=1e-9,
         num_saves=60,
+        solver="tsit5",
     )
     wall = time.perf_counter() - start
     steps = int(np.sum(solution.status.steps) + np.sum(solution.status.rejected_steps))
@@ -130,7 +131,9 @@ def main():
     print(f"devices: {jax.devices()}; reference problem (n=50, d=5, width 32)")
     for depth in args.depths:
         predictor, params0, X, y = jm.reference_problem(depth)
-        to_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, rtol=1e-6, atol=1e-9)
+        to_t0 = jm.gradient_flow(
+            predictor, params0, X, y, s_max=-50.0, rtol=1e-6, atol=1e-9, solver="tsit5"
+        )
         s_target = float(to_t0.status.s0) + args.ds
         rows = {"engine": engine(predictor, params0, X, y, s_target, args.max_steps)}
         rows["naive Tsit5 (tau)"] = naive_tau_flow(predictor, params0, X, y, args.max_steps)

@@ -59,6 +59,7 @@ def main() -> None:
                 max_steps=20_000,
                 num_saves=128,
                 sliding=sliding,
+                solver="tsit5",
             )
             before, after = identity_residuals(predictor, solution, X, y)
             print(
@@ -85,6 +86,7 @@ def main() -> None:
                 max_steps=20_000,
                 num_saves=48,
                 sliding=jm.SlidingOptions(threshold=band),
+                solver="tsit5",
             )
             print(
                 f"{band:<7.0e} {solution.status.message}: steps"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-OPTIONS = dict(s_max=3.0, num_saves=16, max_steps=10_000, sliding=None)
+OPTIONS = dict(solver="tsit5", s_max=3.0, num_saves=16, max_steps=10_000, sliding=None)
 
 
 def problem(num_seeds: int):

@@ -124,6 +124,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 num_saves=config.num_saves,
                 rtol=config.rtol,
                 atol=config.rtol * 1e-2,
+                solver="tsit5",
             )
             tag = f"L{depth}_flow"
             autodiff, flow = _alignments(predictor, sol.params, X, y, velocity_alignment)

@@ -123,6 +123,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 max_steps=config.max_steps,
                 num_saves=config.num_saves,
                 tau_max=1e6,
+                solver="tsit5",
             )
             B = np.asarray(jax.vmap(predictor.end_to_end)(sol.params))
             final = jax.tree.map(lambda leaf: leaf[-1], sol.params)

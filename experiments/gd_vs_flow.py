@@ -144,6 +144,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
         max_steps=config.max_steps,
         num_saves=config.num_saves,
         sliding=jm.SlidingOptions(candidates=config.candidates, threshold=config.threshold),
+        solver="tsit5",
     )
     print(
         f"{NAME}: flow: {flow.status.message}, steps {np.asarray(flow.status.steps)},"

@@ -147,6 +147,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
             beta_max=config.trap_beta_max,
             max_steps=config.trap_max_steps,
             num_saves=config.num_saves,
+            solver="tsit5",
         )
         out.update(_flow_record(tag, sol))
         out[f"{tag}_second"] = np.abs(np.asarray(sol.params[0][:, 1])) + np.abs(
@@ -205,6 +206,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 beta_max=config.relu_beta_max,
                 max_steps=config.relu_max_steps,
                 num_saves=config.num_saves,
+                solver="tsit5",
             )
             out.update(_flow_record(tag, sol))
             params, message = sol.params, sol.status.message

@@ -170,6 +170,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
                 atol=config.rtol * 1e-2,
                 max_steps=config.max_steps,
                 sliding=sliding,
+                solver="tsit5",
             )
             terms = [
                 np.asarray(a)

@@ -116,6 +116,7 @@ def run(config: Config) -> dict[str, np.ndarray]:
         beta_max=config.beta_max,
         max_steps=config.max_steps,
         num_saves=config.num_saves,
+        solver="tsit5",
     )
     w = np.asarray(sol.params[0])
     out.update(

@@ -144,7 +144,12 @@ def flow_through_t0(predictor, params0, X, y, *, gain, rtol, max_steps, num_save
     both calls; info = dict of scalars (code, separated, s0, tau0, steps, rejected).
     """
     options = dict(
-        num_saves=num_saves, rtol=rtol, atol=rtol * 1e-2, max_steps=max_steps, sliding=sliding
+        solver="tsit5",
+        num_saves=num_saves,
+        rtol=rtol,
+        atol=rtol * 1e-2,
+        max_steps=max_steps,
+        sliding=sliding,
     )
     probe = jm.gradient_flow(predictor, params0, X, y, s_max=-1e3, **options)
     status = probe.status

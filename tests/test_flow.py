@@ -62,12 +62,14 @@ def test_smooth_models_against_scipy(depth, solver, key):
 
 def test_zero_start_linear_and_rest_point_error(key):
     X, y = small_separable(key)
-    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(3),), X, y, s_max=1.0)
+    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(3),), X, y, s_max=1.0, solver="tsit5")
     assert solution.status.code == codes.REACHED_TARGET
     svm = jm.svm_direction(X, y)
     assert float(solution.hard_margin[-1]) <= svm.margin + 1e-12
     with pytest.raises(ValueError, match="rest point"):
-        jm.gradient_flow(jm.deep_linear(2, 3), (jnp.zeros((3, 3)), jnp.zeros(3)), X, y, s_max=1.0)
+        jm.gradient_flow(
+            jm.deep_linear(2, 3), (jnp.zeros((3, 3)), jnp.zeros(3)), X, y, s_max=1.0, solver="tsit5"
+        )
 
 
 def test_one_example_from_zero():
@@ -76,7 +78,9 @@ def test_one_example_from_zero():
     x = jnp.array([[1.0, -2.0, 0.5]])
     for label in (1.0, -1.0):
         y = jnp.array([label])
-        solution = jm.gradient_flow(jm.linear(), (jnp.zeros(3),), x, y, beta_max=1e3)
+        solution = jm.gradient_flow(
+            jm.linear(), (jnp.zeros(3),), x, y, beta_max=1e3, solver="tsit5"
+        )
         assert solution.status.code == codes.REACHED_TARGET, solution.status.message
         after = np.asarray(solution.phase) == 2
         norm = float(jnp.linalg.norm(x))
@@ -92,7 +96,7 @@ def test_not_separable_reports_best_margin():
     X = jnp.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     y = jnp.array([1.0, 1.0, 1.0])  # x and -x share a label: no linear separator
     solution = jm.gradient_flow(
-        jm.linear(), (jnp.array([0.1, 0.2]),), X, y, s_max=3.0, tau_max=50.0
+        jm.linear(), (jnp.array([0.1, 0.2]),), X, y, s_max=3.0, tau_max=50.0, solver="tsit5"
     )
     assert solution.status.code == codes.NOT_SEPARATED
     assert not bool(solution.status.separated)
@@ -106,12 +110,12 @@ def test_no_blow_up_for_degree_three_and_failures_keep_outputs(key):
     predictor = jm.deep_linear(3, 3)
     params0 = predictor.init(key, 3)
     # In the tau clock an L = 3 flow reaches infinity at a finite tau; in s it cannot.
-    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=1e6, rtol=1e-8)
+    solution = jm.gradient_flow(predictor, params0, X, y, beta_max=1e6, rtol=1e-8, solver="tsit5")
     assert np.all(np.isfinite(np.asarray(solution.soft_margin)))
     assert float(solution.rho[-1]) ** 3 == pytest.approx(1e6, rel=1e-9)
     tau = np.asarray(solution.tau)[np.asarray(solution.phase) == 2]
     assert np.all(np.diff(tau) > 0) and np.all(np.diff(np.diff(tau)[-5:]) < 0)  # tau saturates
-    starved = jm.gradient_flow(predictor, params0, X, y, beta_max=1e6, max_steps=30)
+    starved = jm.gradient_flow(predictor, params0, X, y, beta_max=1e6, max_steps=30, solver="tsit5")
     assert starved.status.code == codes.MAX_STEPS
     assert starved.s.shape[0] >= 1 and np.all(np.isfinite(np.asarray(starved.soft_margin)))
 
@@ -132,14 +136,14 @@ def test_batch_over_seeds_compiles_once(key):
     traces = []
     counted = _counted_relu(traces)
     batch = jax.vmap(lambda k: counted.init(k, 3))(jax.random.split(key, 3))
-    first = jm.gradient_flow_batch(counted, batch, X, y, s_max=1.0, num_saves=12)
+    first = jm.gradient_flow_batch(counted, batch, X, y, s_max=1.0, num_saves=12, solver="tsit5")
     count = len(traces)
     batch2 = jax.tree.map(lambda a: 1.1 * a, batch)
-    jm.gradient_flow_batch(counted, batch2, X, y, s_max=1.0, num_saves=12)
+    jm.gradient_flow_batch(counted, batch2, X, y, s_max=1.0, num_saves=12, solver="tsit5")
     assert len(traces) == count
     for i in range(3):
         single = jm.gradient_flow(
-            counted, row(batch, i), X, y, s_max=1.0, num_saves=12, sliding=None
+            counted, row(batch, i), X, y, s_max=1.0, num_saves=12, sliding=None, solver="tsit5"
         )
         rows = np.asarray(first.valid[i])
         # Batched matmuls round differently, and adaptive step sequences amplify round-off up
@@ -156,7 +160,7 @@ def test_repeated_runs_reuse_the_compiled_stages(key):
     traces = []
     counted = _counted_relu(traces)
     params = counted.init(key, 3)
-    options = dict(s_max=1.0, num_saves=12, sliding=None)
+    options = dict(solver="tsit5", s_max=1.0, num_saves=12, sliding=None)
     first = jm.gradient_flow(counted, params, X, y, **options)
     count = len(traces)
     assert count > 0
@@ -170,8 +174,8 @@ def test_bad_arguments(key):
     X, y = small_separable(key)
     params = jm.linear().init(key, 3)
     with pytest.raises(ValueError, match="target"):
-        jm.gradient_flow(jm.linear(), params, X, y)
+        jm.gradient_flow(jm.linear(), params, X, y, solver="tsit5")
     with pytest.raises(ValueError, match="solver"):
         jm.gradient_flow(jm.linear(), params, X, y, s_max=1.0, solver="rk99")
     with pytest.raises(ValueError, match="labels"):
-        jm.gradient_flow(jm.linear(), params, X, 2 * y, s_max=1.0)
+        jm.gradient_flow(jm.linear(), params, X, 2 * y, s_max=1.0, solver="tsit5")

@@ -27,11 +27,21 @@ def _small_relu_problem(depth, seed, n=16, width=6):
 @pytest.mark.parametrize("depth", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_relu_against_halved_euler(depth):
     predictor, params0, X, y = _small_relu_problem(depth, seed=depth)
-    to_t0 = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, rtol=1e-8, atol=1e-11)
+    to_t0 = jm.gradient_flow(
+        predictor, params0, X, y, s_max=-50.0, rtol=1e-8, atol=1e-11, solver="tsit5"
+    )
     s0 = float(to_t0.status.s0)
     horizon = 0.4
     solution = jm.gradient_flow(
-        predictor, params0, X, y, s_max=s0 + horizon, rtol=1e-8, atol=1e-11, num_saves=16
+        predictor,
+        params0,
+        X,
+        y,
+        s_max=s0 + horizon,
+        rtol=1e-8,
+        atol=1e-11,
+        num_saves=16,
+        solver="tsit5",
     )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     start = int(np.argmax(np.asarray(solution.phase) == 2))
@@ -60,7 +70,7 @@ def _just_past_t0(predictor, params0, X, y):
     kink band 1e-3: deep nets crawl along kinks at tight ones) to s(t0) + 0.05, last save.
     (Loss-based GD, used before, left several seeds unseparated after 1,600 steps.)"""
     sliding = jm.SlidingOptions(candidates=8, threshold=1e-3)
-    loose = dict(rtol=1e-4, atol=1e-6, max_steps=5000, num_saves=8, sliding=sliding)
+    loose = dict(solver="tsit5", rtol=1e-4, atol=1e-6, max_steps=5000, num_saves=8, sliding=sliding)
     probe = jm.gradient_flow(predictor, params0, X, y, s_max=-50.0, **loose)
     assert bool(probe.status.separated), probe.status.message
     past_t0 = jm.gradient_flow(
@@ -92,6 +102,7 @@ def _check_theorem5(depth, seed, ds):
         atol=1e-11,
         num_saves=40,
         max_steps=20_000,
+        solver="tsit5",
     )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     decrease = theorem5_max_decrease(solution)
@@ -162,6 +173,7 @@ def test_theorem5_deep_relu(depth, seed):
         num_saves=40,
         max_steps=20_000,
         sliding=jm.SlidingOptions(candidates=8),
+        solver="tsit5",
     )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
     assert np.sum(np.asarray(solution.phase) == 2) >= 30
@@ -201,6 +213,7 @@ def test_lyu_li_identity_relu_tau_clock():
         atol=1e-8,
         num_saves=64,
         sliding=jm.SlidingOptions(candidates=8, threshold=1e-5),
+        solver="tsit5",
     )
     assert solution.status.code == codes.REACHED_TARGET, solution.status.message
 

@@ -43,7 +43,7 @@ def test_options_of_the_asymptotic_engine_raise_with_an_explicit_solver(option):
         jm.FlowOptions(solver="tsit5", **option)
     X, y = jm.soudry_dataset(0)
     with pytest.raises(ValueError, match=name):
-        jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, s_max=1.0, **option)
+        jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, s_max=1.0, solver="tsit5", **option)
     jm.FlowOptions(solver="rosenbrock", **option)  # applies there
 
 
@@ -59,7 +59,7 @@ def test_limit_flow_rejects_options_that_are_not_its_own():
 def test_status_codes_are_public():
     assert jm.Status.TOO_MANY_KINKS == 5 and "kink_slots" in jm.Status.TOO_MANY_KINKS.message
     X, y = jm.soudry_dataset(0)
-    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, s_max=1.0)
+    solution = jm.gradient_flow(jm.linear(), (jnp.zeros(2),), X, y, s_max=1.0, solver="tsit5")
     assert solution.status.code == jm.Status.REACHED_TARGET
     # The explicit solvers have no limit-flow stage.
     assert np.isnan(float(solution.status.s_limit)) and int(solution.status.limit_steps) == 0
@@ -71,8 +71,9 @@ def test_direction_is_saved_past_float64s_range_of_params():
     and it is the SVM direction. The stages' starts are recorded."""
     X, y = jm.soudry_dataset(0)
     solution = jm.gradient_flow(
-        jm.linear(), (jnp.zeros(2),), X, y, s_max=800.0, solver="rosenbrock", max_steps=50_000
-    )
+        jm.linear(), (jnp.zeros(2),), X, y, s_max=800.0, max_steps=50_000
+    )  # no solver named: the default is the asymptotic engine
+    assert jm.FlowOptions().solver == "rosenbrock"
     status = solution.status
     assert status.code == jm.Status.SOLVER_FAILED, status.message  # stopped where t overflows
     assert float(solution.s[-1]) > 709.0

@@ -428,6 +428,7 @@ def _relu_phase2_problem():
     predictor = jm.relu_mlp(2, 6)
     params0 = predictor.init(k_w, 3)
     loose = dict(
+        solver="tsit5",
         rtol=1e-4,
         atol=1e-6,
         max_steps=5000,
@@ -530,6 +531,7 @@ def test_explicit_engine_band_error_on_the_same_problem():
             max_steps=100_000,
             num_saves=40,
             sliding=jm.SlidingOptions(threshold=threshold),
+            solver="tsit5",
         )
         assert solution.status.code == codes.REACHED_TARGET, solution.status.message
         errors.append(abs(float(solution.soft_margin[-1]) / reference - 1.0))

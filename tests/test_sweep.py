@@ -26,7 +26,7 @@ from jaxmargin._sweep import sweep_gradient_flow
 # variant stays under `make test-slow`.
 
 NUM_DEVICES = 4
-OPTIONS = dict(s_max=1.2, num_saves=8, max_steps=2000, sliding=None)
+OPTIONS = dict(solver="tsit5", s_max=1.2, num_saves=8, max_steps=2000, sliding=None)
 FIELDS = ("s", "tau", "log_t", "soft_margin", "valid")
 
 
@@ -193,7 +193,8 @@ from jaxmargin._sweep import sweep_gradient_flow
 X = jax.random.normal(jax.random.key(0), (16, 3)); y = jnp.sign(X.sum(1))
 predictor = jm.relu_mlp(2, 6)
 params0 = jax.vmap(lambda k: predictor.init(k, 3))(jax.random.split(jax.random.key(1), 5))
-options = dict(s_max=1.5, max_steps=3000, num_saves=8, sliding=jm.SlidingOptions(candidates=8))
+options = dict(solver="tsit5", s_max=1.5, max_steps=3000, num_saves=8,
+               sliding=jm.SlidingOptions(candidates=8))
 swept = sweep_gradient_flow(predictor, params0, X, y, **options)
 batch = jm.gradient_flow_batch(predictor, params0, X, y, **options)
 soft = [np.asarray(a.soft_margin) for a in (swept, batch)]
@@ -223,15 +224,15 @@ def test_relu_sliding_sweep_on_two_devices():
 def test_bad_arguments():
     predictor, params, [(X, y), _] = _problem()
     with pytest.raises(ValueError, match="one dataset per seed"):
-        sweep_gradient_flow(predictor, params, X, y, batched_data=True, s_max=1.0)
+        sweep_gradient_flow(predictor, params, X, y, batched_data=True, s_max=1.0, solver="tsit5")
     with pytest.raises(ValueError, match="leading"):
-        sweep_gradient_flow(predictor, (params[0], params[1][:2]), X, y, s_max=1.0)
+        sweep_gradient_flow(predictor, (params[0], params[1][:2]), X, y, s_max=1.0, solver="tsit5")
     with pytest.raises(TypeError, match="unknown options"):
-        sweep_gradient_flow(predictor, params, X, y, s_max=1.0, colour="red")
+        sweep_gradient_flow(predictor, params, X, y, s_max=1.0, colour="red", solver="tsit5")
     with pytest.raises(ValueError, match="devices"):
-        sweep_gradient_flow(predictor, params, X, y, s_max=1.0, devices=[])
+        sweep_gradient_flow(predictor, params, X, y, s_max=1.0, devices=[], solver="tsit5")
     with pytest.raises(ValueError, match="target"):
-        sweep_gradient_flow(predictor, params, X, y)
+        sweep_gradient_flow(predictor, params, X, y, solver="tsit5")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def _flow_pair(problem, **options):
     predictor, params0, X, y = problem
     user = jm.predictor(_user_mlp(0.0), predictor.init, in_shape=X.shape[1])
     return [
-        jm.gradient_flow(p, params0, X, y, solver="rosenbrock", **options)
+        jm.gradient_flow(p, params0, X, y, **options)  # the default: the asymptotic engine
         for p in (predictor, user)
     ]
 

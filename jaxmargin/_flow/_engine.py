@@ -5,9 +5,10 @@ A run is a chain of stages (the modules of this package, in the order a run uses
 - phase 1 (_phase1.py): the seed's clock tau until the soft margin first exceeds 0 (t0);
 - after t0, the polar clock s = ln ||w|| (||w|| cannot blow up in finite "time" when it is
   the clock: docs/background.md §2), integrated by
-  - solver="rosenbrock", the asymptotic chain (_asymptotic.py): linearly implicit Rosenbrock-W
-    steps (_stiff_stage.py), then the beta -> infinity limit flow (_limit_stage.py);
-  - an explicit diffrax solver, the reference chain (_explicit.py);
+  - solver="rosenbrock" (the default), the asymptotic chain (_asymptotic.py): linearly
+    implicit Rosenbrock-W steps (_stiff_stage.py), then the beta -> infinity limit flow
+    (_limit_stage.py);
+  - an explicit diffrax solver, the reference chain (_explicit.py), for reference checks;
 - the rows and the status (_rows.py).
 
 gradient_flow compiles the stages as separate programs, the later ones while the first runs

@@ -36,7 +36,7 @@ class FlowOptions:
         max_steps: solver-step budget of each phase.
         direction_tol: stop when ||dtheta/ds|| < direction_tol (the direction converged).
         num_saves: saved points, 1/4 in phase 1 (log-spaced tau), 3/4 after t0 (even in s).
-        solver: "rosenbrock", the engine that reaches the asymptotic regime (beta >> 1e6):
+        solver: "rosenbrock" (the default), the engine that reaches the asymptotic regime:
             phase 1 by Dormand-Prince 5(4) to t0, then linearly implicit Rosenbrock-W steps
             (the stiff part implicit, ReLU kinks as constraints), then the beta -> infinity
             limit flow; or an explicit diffrax solver for reference checks: "tsit5", "dopri5",
@@ -67,7 +67,7 @@ class FlowOptions:
     max_steps: int = 100_000
     direction_tol: float | None = None
     num_saves: int = 200
-    solver: str = "tsit5"
+    solver: str = ROSENBROCK
     rtol: float = 1e-8
     atol: float = 1e-10
     sliding: SlidingOptions | None = SlidingOptions()
