@@ -202,7 +202,11 @@ def main():
     os.environ.setdefault("PJRT_NPROC", "1")  # as bench/asymptotic.py (docs/decisions.md D41)
     shard, shards = (int(part) for part in args.shard.split("/"))
     problems = [p for p in _family() if args.only in p["name"]][: args.first][shard::shards]
-    print(f"solver={args.solver}, target beta = {TARGET:.0e}, timeout {args.timeout:.0f} s")
+    rtol = "1e-6" if args.solver == "rosenbrock" else "the default"
+    print(
+        f"solver={args.solver}, rtol {rtol}, target beta = {TARGET:.0e}, "
+        f"timeout {args.timeout:.0f} s"
+    )
     header = (
         f"{'problem':20s} {'size':>22s} {'status':26s} {'lg beta':>7s} {'wall s':>6s} "
         f"{'steps phase1':>13s} {'steps after':>13s} {'lg b lim':>8s} {'gamma~':>10s} "
