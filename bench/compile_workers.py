@@ -20,27 +20,17 @@ DEFAULT = ("syn21", "iris01-L3w16", "wine01-L2w32", "syn05")
 
 
 def _one(name, workers):
-    import time
-
     os.environ.setdefault("PJRT_NPROC", "1")  # as bench/asymptotic.py (docs/decisions.md D41)
     sys.path.insert(0, os.path.dirname(__file__))
     import family
-    import numpy as np
 
     import jaxmargin as jm
     from jaxmargin._flow import _pipeline
 
     _pipeline.COMPILE_WORKERS = workers
-    problem = {p["name"]: p for p in family._family()}[name]
-    predictor, params, X, y = family._setup(problem)
-    start = time.perf_counter()
-    solution = jm.gradient_flow(
-        predictor, params, X, y, beta_max=1e12, solver="rosenbrock", rtol=1e-6
-    )
-    gamma = float(np.asarray(solution.soft_margin)[-1])
-    print(
-        f"{time.perf_counter() - start:.2f} {gamma!r} {jm.Status(int(solution.status.code)).name}"
-    )
+    wall, solution, _ = family.timed_run(name)
+    gamma = float(solution.soft_margin[-1])
+    print(f"{wall:.2f} {gamma!r} {jm.Status(int(solution.status.code)).name}")
 
 
 def main():

@@ -124,6 +124,19 @@ def _setup(problem):
     return predictor, params, X, y
 
 
+def timed_run(name):
+    """(wall seconds, solution, params) of the engine on the named problem to TARGET at rtol
+    1e-6, timed from the call (a first call in a fresh process: compilation included)."""
+    import jaxmargin as jm
+
+    problem = {p["name"]: p for p in _family()}[name]
+    predictor, params, X, y = _setup(problem)
+    start = time.perf_counter()
+    solution = jm.gradient_flow(predictor, params, X, y, beta_max=TARGET, rtol=1e-6)
+    np.asarray(solution.soft_margin)  # the run is asynchronous until its output is read
+    return time.perf_counter() - start, solution, params
+
+
 def _run_flow(problem, solver, results):
     import jaxmargin as jm
     from jaxmargin._flow._options import ROSENBROCK

@@ -24,11 +24,10 @@ MODES = {"one": math.inf, "sized": 0.0, "rule": None}
 
 
 def _one(name, mode):
-    import time
-
     os.environ.setdefault("PJRT_NPROC", "1")  # as bench/asymptotic.py (docs/decisions.md D41)
     sys.path.insert(0, os.path.dirname(__file__))
     import family
+    import jax
     import numpy as np
 
     import jaxmargin as jm
@@ -36,26 +35,14 @@ def _one(name, mode):
 
     if MODES[mode] is not None:
         _stepping.SIZED_SLOTS_MIN_WORK = MODES[mode]
-    problem = {p["name"]: p for p in family._family()}[name]
-    predictor, params, X, y = family._setup(problem)
-    start = time.perf_counter()
-    solution = jm.gradient_flow(
-        predictor, params, X, y, beta_max=1e12, solver="rosenbrock", rtol=1e-6
-    )
-    gamma = float(np.asarray(solution.soft_margin)[-1])
+    wall, solution, params = family.timed_run(name)
     steps = "+".join(str(int(k)) for k in np.asarray(solution.status.steps))
-    d = sum(np.size(leaf) for leaf in jax_leaves(params))
+    d = sum(np.size(leaf) for leaf in jax.tree.leaves(params))
     sized = 128**2 * d >= _stepping.SIZED_SLOTS_MIN_WORK
     print(
-        f"{time.perf_counter() - start:.2f} {gamma:.6e} {steps} "
+        f"{wall:.2f} {float(solution.soft_margin[-1]):.6e} {steps} "
         f"{jm.Status(int(solution.status.code)).name} {'sized' if sized else 'one'}"
     )
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def main():
